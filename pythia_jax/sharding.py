@@ -1,24 +1,43 @@
-"""Logical axis names -> mesh axes (data, fsdp, tensor).
+"""Mesh (data, fsdp, tensor), logical axis names -> mesh axes, sharded creation helpers.
 
 Parameters and activations carry logical names (`vocab`, `embed`, `heads`, …); one table maps
-them to the three mesh axes. Outside an active `logical_rules(mesh)` context every helper here is
-the identity, so the model runs unchanged on one device.
+them to the three mesh axes:
+
+    data    pure data parallelism: the batch is split, parameters are replicated
+    fsdp    the batch is split *and* parameters / optimizer state are split on `embed`
+            (ZeRO-3 style; XLA all-gathers each layer's weights when it needs them)
+    tensor  Megatron-style model parallelism over heads, the MLP width and the vocabulary
+
+Optimizer state (AdamW mu / nu) mirrors the parameter tree, so it gets the parameters' logical
+axes and the same table. Outside an active `logical_rules(mesh)` context `constrain` is the
+identity, so the model runs unchanged on one device.
+
+A mesh axis that does not divide a dimension is dropped for that dimension (the dimension is
+replicated over it), e.g. 4 heads on `tensor=8` leaves the heads replicated while the MLP and
+vocabulary dimensions are still split 8 ways. `sharding_report` lists where that happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import math
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "BATCH_AXES", "mesh_shape", "make_mesh",
+           "logical_to_spec", "named_sharding", "logical_rules", "active_mesh", "constrain",
+           "tree_shardings", "sharded_model", "sharded_init", "batch_sharding",
+           "process_batch_rows", "global_batch", "sharding_report"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 #: logical name -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # parameters
+    # parameters (and the optimizer state, which has the parameters' axes)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -36,6 +55,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
 )
 
+#: the mesh axes the batch dimension of every input / activation is split over
+BATCH_AXES = ("data", "fsdp")
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
     "pythia_jax_logical_rules", default=None)
 
@@ -44,16 +66,80 @@ def rules_dict(rules=DEFAULT_RULES) -> dict:
     return dict(rules)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules=None) -> PartitionSpec:
-    """Map a tuple of logical names to a PartitionSpec with the given (or active) rules."""
+# ------------------------------------------------------------------------------------------------
+# Mesh
+def mesh_shape(shape: Mapping[str, int] | Sequence[int] | None, num_devices: int) -> tuple[int, ...]:
+    """Resolve `{data: -1, fsdp: 4, tensor: 1}` (or `(-1, 4, 1)`) against `num_devices`.
+
+    At most one axis may be -1; it takes whatever the others leave. Missing axes are 1
+    (`None` means all devices on `data`).
+    """
+    if shape is None:
+        shape = {"data": -1}
+    if isinstance(shape, Mapping):
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"mesh shape: unknown axis {unknown[0]!r}; expected {MESH_AXES}")
+        sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        sizes = [int(s) for s in shape]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"mesh shape: expected {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh shape: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh shape: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are "
+                             f"not divisible by {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    On TPU the devices are laid out along the physical torus (`mesh_utils.create_device_mesh`),
+    `tensor` innermost so that its collectives stay on the nearest links. The axes are `Auto`
+    (sharding by `with_sharding_constraint` and jit shardings, not explicit-sharding types).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(shape, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except Exception:  # CPU, or a device set the topology-aware layout cannot handle
+        arr = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical names -> PartitionSpec
+def logical_to_spec(axes: Sequence[str | None], rules=None, *, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """Map a tuple of logical names to a PartitionSpec with the given (or active) rules.
+
+    With `shape` and `mesh`, a mesh axis (or the remainder of a tuple of axes) that does not
+    divide its dimension is dropped, so the spec is always valid for that array.
+    """
+    active = _ACTIVE.get()
     if rules is None:
-        active = _ACTIVE.get()
         rules = active[1] if active else rules_dict()
     elif not isinstance(rules, dict):
         rules = dict(rules)
+    if mesh is None and shape is not None and active is not None:
+        mesh = active[0]
+    if shape is not None and len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} do not match an array of shape {tuple(shape)}")
     used: set[str] = set()
     out = []
-    for name in axes:
+    for i, name in enumerate(axes):
         if name is None:
             out.append(None)
             continue
@@ -63,9 +149,23 @@ def logical_to_spec(axes: Sequence[str | None], rules=None) -> PartitionSpec:
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         # A mesh axis may shard only one dimension of an array.
         targets = tuple(t for t in targets if t not in used)
+        if shape is not None and mesh is not None:
+            keep, n = [], 1
+            for t in targets:
+                size = mesh.shape[t]
+                if shape[i] % (n * size) == 0:
+                    keep.append(t)
+                    n *= size
+            targets = tuple(keep)
+        # size-1 mesh axes are kept: they are harmless and keep the spec readable
         used.update(targets)
         out.append(targets[0] if len(targets) == 1 else (targets or None))
     return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules, shape=shape, mesh=mesh))
 
 
 @contextlib.contextmanager
@@ -89,4 +189,125 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+    spec = logical_to_spec(axes, rules, shape=x.shape, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ------------------------------------------------------------------------------------------------
+# Trees: parameters, optimizer state, whole train states
+def _is_variable(x) -> bool:
+    from flax import nnx
+    return isinstance(x, nnx.Variable)
+
+
+def _leaf_shape(x):
+    if _is_variable(x):
+        x = x.get_value()
+    return tuple(getattr(x, "shape", ()))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules=None) -> Any:
+    """A NamedSharding for every leaf of `tree` (arrays, ShapeDtypeStructs or nnx Variables).
+
+    Variables carrying `logical_axes` (every model parameter, and every optimizer-state entry
+    that mirrors one, e.g. AdamW's mu and nu) are sharded by the rules; anything else (step
+    counters, scalars, RNG keys) is replicated. The result has the structure of `tree` with
+    each Variable / array replaced by its sharding, which `jax.jit(out_shardings=…)` accepts.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if _is_variable(x):
+            axes = x.get_metadata().get("logical_axes") if hasattr(x, "get_metadata") else None
+            if axes is not None:
+                return NamedSharding(mesh, logical_to_spec(axes, rules, shape=_leaf_shape(x),
+                                                           mesh=mesh))
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def sharded_init(fn, mesh: Mesh, *args, rules=None, **kwargs):
+    """Run `fn(*args, **kwargs)` under jit with every output created directly sharded.
+
+    The output tree is found with `jax.eval_shape` (nothing allocated), its shardings with
+    `tree_shardings`; no device (and no host) ever holds an unsharded copy.
+    """
+    abstract = jax.eval_shape(lambda: fn(*args, **kwargs))
+    shardings = tree_shardings(abstract, mesh, rules)
+    with logical_rules(mesh, rules or DEFAULT_RULES):
+        return jax.jit(lambda: fn(*args, **kwargs), out_shardings=shardings)()
+
+
+def sharded_model(cfg, mesh: Mesh, seed: int = 0, rules=None):
+    """A GPTNeoX with Pythia's init, each parameter created directly on its shards."""
+    from flax import nnx
+    from pythia_jax.model import GPTNeoX
+
+    def init():
+        return nnx.split(GPTNeoX(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(seed))))
+    state = sharded_init(init, mesh, rules=rules)
+    return nnx.merge(graphdef, state)
+
+
+def sharding_report(tree: Any, mesh: Mesh, rules=None) -> list[str]:
+    """'path: shape logical -> spec' lines; marks dims whose rule was dropped (not divisible)."""
+    from flax import nnx
+    lines = []
+    rules_d = rules_dict() if rules is None else (rules if isinstance(rules, dict) else dict(rules))
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]
+    for path, x in flat:
+        name = jax.tree_util.keystr(path)
+        shape = _leaf_shape(x)
+        axes = x.get_metadata().get("logical_axes") if isinstance(x, nnx.Variable) else None
+        if axes is None:
+            lines.append(f"{name}: {shape} replicated")
+            continue
+        spec = logical_to_spec(axes, rules_d, shape=shape, mesh=mesh)
+        want = logical_to_spec(axes, rules_d)
+        note = ""
+        if spec != want:
+            note = f"  (rule {want} not divisible; using {spec})"
+        lines.append(f"{name}: {shape} {tuple(axes)} -> {spec}{note}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches: which rows each process feeds, and the global array built from them
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """[batch, …] inputs split over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int,
+                       process_index: int | None = None) -> slice:
+    """The contiguous rows [start, stop) of a global batch that this process's devices hold.
+
+    The data pipeline reads exactly these rows of each step's batch (a process never reads
+    another process's rows). Raises if the mesh gives a process a non-contiguous set of rows.
+    """
+    sharding = batch_sharding(mesh, 1)
+    pid = jax.process_index() if process_index is None else process_index
+    rows = set()
+    for dev, idx in sharding.devices_indices_map((global_batch_size,)).items():
+        if dev.process_index == pid:
+            start, stop, _ = idx[0].indices(global_batch_size)
+            rows.update(range(start, stop))
+    if not rows:
+        raise ValueError(f"process {pid} holds no devices of the mesh")
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo:
+        raise ValueError(f"mesh {dict(mesh.shape)} gives process {pid} non-contiguous batch rows; "
+                         "order the mesh devices by process")
+    return slice(lo, hi)
+
+
+def global_batch(local: Any, mesh: Mesh, global_batch_size: int) -> Any:
+    """Assemble each process's rows (numpy, [local_rows, …]) into global jax.Arrays."""
+    def one(x):
+        x = np.asarray(x)
+        shape = (global_batch_size,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+    return jax.tree.map(one, local)
