@@ -1,0 +1,389 @@
+"""Autoregressive generation: a preallocated KV cache, one compiled prefill, one compiled decode loop.
+
+    tokens = generate(model, [[12092, 13], [309, 717, 12092]], max_new_tokens=20, eos_token_id=0)
+
+Prompts of different lengths are left-padded to a common bucket length (extra left padding is
+masked out and does not change any result); positions count real tokens only, so every prompt
+sees positions 0, 1, 2, ... exactly as if it ran alone. The cache holds `bucket + max_new` slots
+and is allocated once per call. Decoding runs inside one `lax.while_loop` that stops when every
+sequence has produced an EOS token or `max_new_tokens` tokens; shapes depend only on the batch
+size and the length buckets, so repeated calls with similar lengths do not recompile.
+
+Sampling order (as in HF): temperature, then top-k, then top-p, then a categorical draw.
+`temperature=0` is greedy (top-k / top-p are then irrelevant).
+
+`stream_generate` yields the new tokens step by step (one compiled decode step per call; the
+callable is the same compiled loop with a stop index), and `generate(..., callback=fn)` uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pythia_jax.model import GPTNeoX, KVCache
+
+__all__ = ["generate", "stream_generate", "generate_arrays", "GenerationOutput",
+           "prepare_prompts", "filter_logits", "sample_logits", "bucket_length"]
+
+PAD_ID = 1  # <|padding|>
+_NEG_INF = -jnp.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# Input handling
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Round a length up to one of a few sizes (16, 32, 64, 128, 192, 256, 384, 512, 768, ...).
+
+    Below 128: powers of two; above: multiples of a quarter/half of the enclosing power of two,
+    so at most ~1.33x padding and a handful of compiled shapes.
+    """
+    n = max(int(n), minimum)
+    p = 1 << (n - 1).bit_length()  # next power of two >= n
+    if p <= 128:
+        return p
+    for frac in (0.5, 0.625, 0.75, 0.875):
+        c = int(p * frac)
+        if c >= n:
+            return c
+    return p
+
+
+def prepare_prompts(input_ids, attention_mask=None, *, vocab_size: int | None = None):
+    """Normalize prompts to (ids [B, P] int32, mask [B, P] bool, lengths [B]) with left padding.
+
+    `input_ids` may be a list of token lists (any lengths), a 1-D sequence (one prompt) or a 2-D
+    array; with `attention_mask` (1 = real token) the real tokens of each row are kept in order
+    and re-padded on the left, so right-padded batches are accepted too.
+    """
+    if isinstance(input_ids, (jax.Array, np.ndarray)):
+        arr = np.asarray(input_ids)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise ValueError(f"input_ids: expected a list of token lists or an array [batch, length],"
+                             f" got an array of shape {arr.shape}")
+        if attention_mask is None:
+            rows = [list(r) for r in arr]
+        else:
+            m = np.asarray(attention_mask)
+            if m.ndim == 1:
+                m = m[None]
+            if m.shape != arr.shape:
+                raise ValueError(f"attention_mask: expected shape {arr.shape} (that of input_ids), "
+                                 f"got {m.shape}")
+            rows = [list(r[mr.astype(bool)]) for r, mr in zip(arr, m)]
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: only meaningful with an array of input_ids; a list of "
+                             "token lists is padded automatically")
+        seq = list(input_ids)
+        if seq and all(isinstance(t, (int, np.integer)) for t in seq):
+            seq = [seq]  # a single prompt
+        rows = []
+        for i, r in enumerate(seq):
+            if isinstance(r, (str, bytes)):
+                raise TypeError(f"input_ids[{i}]: expected token ids, got text {r!r}; encode it "
+                                "first (pythia_jax.load_tokenizer().encode(text).ids)")
+            rows.append(list(r))
+    if not rows:
+        raise ValueError("input_ids: empty batch (expected at least one prompt)")
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"input_ids[{i}]: empty prompt; generation needs at least one token "
+                             "(e.g. start from <|endoftext|> = 0)")
+        bad = [t for t in r if not (0 <= int(t) < (vocab_size or np.iinfo(np.int32).max))]
+        if bad:
+            raise ValueError(f"input_ids[{i}]: token id {int(bad[0])} outside the vocabulary "
+                             f"[0, {vocab_size})")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    P = int(lengths.max())
+    ids = np.full((len(rows), P), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), P), bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = np.asarray(r, np.int64)
+        mask[i, P - len(r):] = True
+    return ids, mask, lengths
+
+
+def _left_pad_to(ids, mask, P: int):
+    B, cur = ids.shape
+    if cur == P:
+        return ids, mask
+    ids2 = np.full((B, P), PAD_ID, np.int32)
+    mask2 = np.zeros((B, P), bool)
+    ids2[:, P - cur:] = ids
+    mask2[:, P - cur:] = mask
+    return ids2, mask2
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
+    """Set every logit outside the top-k / top-p (nucleus) set to -inf. logits: [..., V].
+
+    top-k keeps the k largest (ties with the k-th are kept); top-p keeps the smallest set of the
+    largest logits whose probability mass reaches `top_p` (at least one token).
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if top_p is not None:
+        top_p = jnp.asarray(top_p, jnp.float32)
+        srt = -jnp.sort(-logits, axis=-1)  # descending
+        probs = jax.nn.softmax(srt, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        keep = keep.at[..., 0].set(True)
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < threshold, _NEG_INF, logits)
+    return logits
+
+
+def sample_logits(logits_BV, key, *, temperature, top_k=None, top_p=None, greedy: bool):
+    """Next token ids [B] from the last-position logits."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    x = logits_BV.astype(jnp.float32) / temperature
+    x = filter_logits(x, top_k, top_p)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+def _check_sampling(temperature, top_k, top_p, vocab_size) -> _Sampling:
+    if temperature is None or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+                              or top_k < 1):
+        raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
+    greedy = float(temperature) == 0.0
+    k = None if (greedy or top_k is None or top_k >= vocab_size) else int(top_k)
+    use_p = (not greedy) and top_p is not None and float(top_p) < 1.0
+    return _Sampling(greedy, k, use_p)
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled pieces
+@dataclasses.dataclass
+class _State:
+    """Decode-loop carry (a pytree)."""
+    cache: KVCache
+    last: jax.Array       # [B] int32: the token to feed next
+    pos: jax.Array        # [B] int32: its position
+    done: jax.Array       # [B] bool
+    tokens: jax.Array     # [B, N] int32 output buffer (PAD after EOS)
+    step: jax.Array       # int32: tokens produced so far
+    scores: jax.Array | None  # [B, N, V] float32 (only with output_scores)
+
+
+jax.tree_util.register_dataclass(
+    _State, data_fields=["cache", "last", "pos", "done", "tokens", "step", "scores"], meta_fields=[])
+
+
+def _emit(st: _State, logits_BV, key, temperature, top_p, eos_ids, samp: _Sampling) -> _State:
+    k = jax.random.fold_in(key, st.step)
+    nxt = sample_logits(logits_BV, k, temperature=temperature, top_k=samp.top_k,
+                        top_p=top_p if samp.use_top_p else None, greedy=samp.greedy)
+    nxt = jnp.where(st.done, PAD_ID, nxt)
+    tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, nxt[:, None], st.step, axis=1)
+    scores = st.scores
+    if scores is not None:
+        scores = jax.lax.dynamic_update_slice_in_dim(scores, logits_BV[:, None], st.step, axis=1)
+    done = st.done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=-1)
+    return dataclasses.replace(st, last=nxt, done=done, tokens=tokens, step=st.step + 1,
+                               scores=scores)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "samp", "n_out", "cache_len",
+                                             "want_scores"))
+def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, samp, n_out,
+             cache_len, want_scores):
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    B, P = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    cache = KVCache.empty(cfg, B, cache_len)
+    logits, cache = model(ids, positions_BT=positions, cache=cache, attention_mask_BT=mask)
+    scores = (jnp.zeros((B, n_out, logits.shape[-1]), jnp.float32) if want_scores else None)
+    st = _State(cache=cache, last=jnp.zeros((B,), jnp.int32),
+                pos=jnp.sum(mask, axis=1).astype(jnp.int32), done=jnp.zeros((B,), bool),
+                tokens=jnp.full((B, n_out), PAD_ID, jnp.int32), step=jnp.zeros((), jnp.int32),
+                scores=scores)
+    return _emit(st, logits[:, -1], key, temperature, top_p, eos_ids, samp)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "samp"), donate_argnames=("st",))
+def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids, *, samp):
+    """Run decode steps while `step < stop` and some sequence is unfinished."""
+    model = nnx.merge(graphdef, params)
+    B = st.last.shape[0]
+    ones = jnp.ones((B, 1), bool)
+
+    def cond(s):
+        return (s.step < stop) & ~jnp.all(s.done)
+
+    def body(s):
+        logits, cache = model(s.last[:, None], positions_BT=s.pos[:, None], cache=s.cache,
+                              attention_mask_BT=ones)
+        s = dataclasses.replace(s, cache=cache, pos=s.pos + 1)
+        return _emit(s, logits[:, 0], key, temperature, top_p, eos_ids, samp)
+
+    return jax.lax.while_loop(cond, body, st)
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GenerationOutput:
+    """tokens [B, N] (PAD_ID after a sequence stopped), lengths [B] (EOS included), and
+    scores [B, N, V] float32 (the logits each token was chosen from) when requested."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    scores: np.ndarray | None = None
+
+    def to_lists(self) -> list[list[int]]:
+        return [self.tokens[i, : self.lengths[i]].tolist() for i in range(len(self.lengths))]
+
+
+class _Run:
+    """Shared setup of generate / stream_generate."""
+
+    def __init__(self, model: GPTNeoX, input_ids, max_new_tokens, temperature, top_k, top_p,
+                 seed, eos_token_id, attention_mask, output_scores):
+        if not isinstance(model, GPTNeoX):
+            raise TypeError(f"model: expected a pythia_jax GPTNeoX, got {type(model).__name__}")
+        cfg = model.config
+        if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
+                or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+        self.samp = _check_sampling(temperature, top_k, top_p, cfg.vocab_size)
+        ids, mask, lengths = prepare_prompts(input_ids, attention_mask, vocab_size=cfg.vocab_size)
+        longest = int(lengths.max())
+        if longest + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt too long: {longest} prompt tokens + max_new_tokens={max_new_tokens} "
+                f"exceeds the model's context of {cfg.max_position_embeddings} positions "
+                "(shorten the prompt or ask for fewer new tokens)")
+        if eos_token_id is None:
+            eos = [-1]
+        elif isinstance(eos_token_id, (int, np.integer)):
+            eos = [int(eos_token_id)]
+        else:
+            eos = [int(e) for e in eos_token_id] or [-1]
+        P = bucket_length(longest)
+        self.ids, self.mask = _left_pad_to(ids, mask, P)
+        self.lengths = lengths
+        self.max_new = int(max_new_tokens)
+        self.n_out = bucket_length(self.max_new, minimum=8)
+        self.cache_len = P + self.n_out
+        self.graphdef, self.params = nnx.split(model)
+        self.key = jax.random.key(int(seed))
+        self.temperature = jnp.float32(max(float(temperature), 1e-6))
+        self.top_p = jnp.float32(1.0 if top_p is None else top_p)
+        self.eos = jnp.asarray(eos, jnp.int32)
+        self.want_scores = bool(output_scores)
+
+    def prefill(self) -> _State:
+        return _prefill(self.graphdef, self.params, self.ids, self.mask, self.key,
+                        self.temperature, self.top_p, self.eos, samp=self.samp, n_out=self.n_out,
+                        cache_len=self.cache_len, want_scores=self.want_scores)
+
+    def decode(self, st: _State, stop: int) -> _State:
+        return _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
+                       self.temperature, self.top_p, self.eos, samp=self.samp)
+
+    def output(self, st: _State) -> GenerationOutput:
+        tokens = np.asarray(st.tokens)[:, : self.max_new]
+        n = int(st.step)
+        eos = np.asarray(self.eos)
+        lengths = np.full(len(tokens), n, np.int32)
+        for i, row in enumerate(tokens[:, :n]):
+            hit = np.nonzero(np.isin(row, eos))[0]
+            if hit.size:
+                lengths[i] = hit[0] + 1
+        scores = None
+        if st.scores is not None:
+            scores = np.asarray(st.scores)[:, : self.max_new]
+        return GenerationOutput(tokens=tokens, lengths=lengths, scores=scores)
+
+
+def generate_arrays(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                    eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
+                    output_scores: bool = False) -> GenerationOutput:
+    """Like `generate` but returns padded arrays (and optionally the per-step logits)."""
+    run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+               attention_mask, output_scores)
+    st = run.prefill()
+    if run.max_new > 1:
+        st = run.decode(st, run.max_new)
+    return run.output(st)
+
+
+def generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
+             callback: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+    """Generate up to `max_new_tokens` tokens for each prompt; returns the new tokens per prompt.
+
+    input_ids: a list of token lists (different lengths allowed), one token list, or an array
+      [B, T] with `attention_mask` [B, T] (1 = real token; left or right padding).
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) after the top-k /
+      top-p filters. seed: the sampling seed (same seed + same inputs = same tokens).
+    eos_token_id: an id or a list of ids; a sequence stops after emitting one (the EOS is part
+      of its output). None: always `max_new_tokens` tokens.
+    callback(tokens_B, done_B): called after every step with that step's new token of each
+      sequence (np.int32 [B]; PAD_ID for sequences already finished) and the done flags.
+    """
+    if callback is None:
+        return generate_arrays(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                               seed, eos_token_id, attention_mask=attention_mask).to_lists()
+    out = None
+    for toks, done, out in _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                   seed, eos_token_id, attention_mask):
+        callback(toks, done)
+    return out.to_lists()
+
+
+def _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+            attention_mask):
+    run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+               attention_mask, False)
+    st = run.prefill()
+    step = 1
+    while True:
+        toks = np.asarray(st.tokens[:, step - 1])
+        done = np.asarray(st.done)
+        yield toks, done, (run.output(st) if (step >= run.max_new or done.all()) else None)
+        if step >= run.max_new or done.all():
+            return
+        st = run.decode(st, step + 1)
+        step += 1
+
+
+def stream_generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                    eos_token_id: int | Sequence[int] | None = None, *,
+                    attention_mask=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield `(tokens_B, done_B)` after every step (same tokens as `generate` with the same
+    arguments). Finished sequences show PAD_ID. Stops when all are done or after
+    `max_new_tokens` steps."""
+    for toks, done, _ in _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                 seed, eos_token_id, attention_mask):
+        yield toks, done
