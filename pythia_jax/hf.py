@@ -136,7 +136,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]] | dic
         fh.write(struct.pack("<Q", len(hb)))
         fh.write(hb)
         for name, shape, dt, thunk, a, b in specs:
-            arr = np.ascontiguousarray(thunk(), dtype=dt)
+            arr = np.asarray(thunk(), dtype=dt, order="C")  # keeps 0-d tensors 0-d
             if arr.shape != shape:
                 raise ValueError(f"{path}: tensor {name!r}: shape {arr.shape} != declared {shape}")
             fh.write(arr.tobytes() if arr.nbytes < (1 << 26) else memoryview(arr.reshape(-1).view(np.uint8)))
@@ -462,6 +462,10 @@ def _resolve_hub(src: str, revision: str | None) -> str:
                           "(model.safetensors / pytorch_model.bin)")
 
 
+_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                np.dtype(np.float16): "float16"}
+
+
 def _is_hub_id(src: str) -> bool:
     return (not os.path.exists(src) and re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None)
 
@@ -470,32 +474,42 @@ def from_pretrained(src: str | os.PathLike, revision: str | None = None, dtype=N
                     mesh=None, progress: bool = False, **config_overrides) -> GPTNeoX:
     """Load a model from an HF directory / hub id, a pythia-jax checkpoint, or a GGUF file.
 
-    dtype: parameter dtype (default float32: checkpoints in fp16/bf16 are upcast exactly).
+    dtype: parameter dtype (default float32: checkpoints in fp16/bf16 are upcast exactly);
+    "auto" keeps the dtype the checkpoint stores.
     config_overrides: execution options such as `attention_impl="pallas"`, `dtype="bfloat16"`
     (compute dtype), `scan_layers=True`, `remat="full"`.
     mesh: place each parameter directly sharded by the logical-axis rules.
     """
     src = os.fspath(src)
-    param_dtype = np.dtype(jnp.dtype(dtype or "float32"))
-    pd_name = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
-               np.dtype(np.float16): "float16"}.get(param_dtype)
+    auto = dtype == "auto"
+    try:
+        param_dtype = np.dtype(jnp.dtype("float32" if auto or dtype is None else dtype))
+    except TypeError:
+        param_dtype = None
+    pd_name = _DTYPE_NAMES.get(param_dtype)
     if pd_name is None:
-        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+        raise ValueError(f"dtype: expected 'auto', float32, bfloat16 or float16, got {dtype!r}")
     if src.endswith(".gguf"):
         from pythia_jax import gguf as gguf_lib
         return gguf_lib.load_gguf(src, dtype=pd_name, mesh=mesh, **config_overrides)
     if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "config.json")):
         from pythia_jax import checkpoint as ckpt_lib
-        return ckpt_lib.load_model(src, dtype=pd_name, mesh=mesh, **config_overrides)
+        return ckpt_lib.load_model(src, dtype=None if auto else pd_name, mesh=mesh,
+                                   **config_overrides)
     if _is_hub_id(src):
         src = _resolve_hub(src, revision)
     elif not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such directory (expected an HF checkpoint directory, "
                                 "a pythia-jax checkpoint, a .gguf file or a hub id like "
                                 "'EleutherAI/pythia-70m')")
+    tensors = open_hf_checkpoint(src)
+    if auto:  # keep the dtype the checkpoint stores (e.g. fp16 for hub Pythia checkpoints)
+        first = next((k for k in tensors.keys() if not HF_LEGACY_BUFFERS.match(k)), None)
+        stored = np.dtype(tensors.get(first).dtype) if first else param_dtype
+        if stored in _DTYPE_NAMES:
+            param_dtype, pd_name = stored, _DTYPE_NAMES[stored]
     cfg = ModelConfig.from_hf_json(os.path.join(src, "config.json"),
                                    param_dtype=pd_name, **config_overrides)
-    tensors = open_hf_checkpoint(src)
     return load_hf_state_dict(cfg, tensors, where=src, param_dtype=param_dtype, mesh=mesh,
                               progress=progress)
 
