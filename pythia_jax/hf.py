@@ -471,16 +471,20 @@ def _is_hub_id(src: str) -> bool:
 
 
 def from_pretrained(src: str | os.PathLike, revision: str | None = None, dtype=None, *,
-                    mesh=None, progress: bool = False, **config_overrides) -> GPTNeoX:
+                    compute_dtype: str | None = None, mesh=None, progress: bool = False,
+                    **config_overrides) -> GPTNeoX:
     """Load a model from an HF directory / hub id, a pythia-jax checkpoint, or a GGUF file.
 
     dtype: parameter dtype (default float32: checkpoints in fp16/bf16 are upcast exactly);
     "auto" keeps the dtype the checkpoint stores.
-    config_overrides: execution options such as `attention_impl="pallas"`, `dtype="bfloat16"`
-    (compute dtype), `scan_layers=True`, `remat="full"`.
+    compute_dtype: activation / matmul dtype ("float32" default, "bfloat16").
+    config_overrides: execution options such as `attention_impl="pallas"`, `fused_rotary=True`,
+    `scan_layers=True`, `remat="full"`.
     mesh: place each parameter directly sharded by the logical-axis rules.
     """
     src = os.fspath(src)
+    if compute_dtype is not None:
+        config_overrides["dtype"] = compute_dtype
     auto = dtype == "auto"
     try:
         param_dtype = np.dtype(jnp.dtype("float32" if auto or dtype is None else dtype))

@@ -82,8 +82,8 @@ def test_bf16_compute_close_to_fp32_hf(tmp_path):
     hf = tiny_hf_model(seed=3, init_scale=0.08, vocab_size=512, hidden_size=128,
                        num_attention_heads=4, intermediate_size=512, num_hidden_layers=3)
     model = _load(tmp_path / "b", hf)
-    bf16 = pythia_jax.from_pretrained(tmp_path / "b" / "hf", dtype="float32")
-    bf16.config = bf16.config.replace(dtype="bfloat16")
+    bf16 = pythia_jax.from_pretrained(tmp_path / "b" / "hf", compute_dtype="bfloat16")
+    assert bf16.config.param_dtype == "float32" and bf16.config.dtype == "bfloat16"
     ids = np.random.RandomState(2).randint(0, 512, size=(4, 64))
     ref = hf_logits(hf, ids)
     ours = np.asarray(bf16(ids))
