@@ -76,6 +76,8 @@ def mesh_shape(shape: Mapping[str, int] | Sequence[int] | None, num_devices: int
     """
     if shape is None:
         shape = {"data": -1}
+    if hasattr(shape, "to_dict"):  # ml_collections.ConfigDict
+        shape = shape.to_dict()
     if isinstance(shape, Mapping):
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
