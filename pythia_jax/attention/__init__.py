@@ -2,31 +2,174 @@
 
 `attend(q_BTNH, k_BSNH, v_BSNH, impl=…)` -> o_BTNH. Implementations:
   xla    reference einsum (any backend; materializes the T x S scores)
-  pallas our Pallas TPU flash kernel (forward + backward), optional fused rotary
+  pallas our Pallas TPU flash kernel (forward + backward), optional fused rotary; on CPU it runs
+         in Pallas interpret mode automatically
   splash JAX's shipped TPU splash kernel
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU)
-  auto   TPU: pallas (or splash), GPU: cudnn, CPU: xla
+  auto   TPU: pallas (or splash where it won the benchmark), GPU: cudnn, CPU: xla; falls back to
+         xla, with a log line, for shapes/dtypes the chosen kernel cannot handle
+
+Kernels are opaque custom calls that XLA's partitioner cannot split, so under an active mesh
+(`pythia_jax.sharding.logical_rules(mesh)`) they run inside `jax.shard_map`: batch over the mesh
+axes of the `batch` rule (data, fsdp), heads over those of `act_heads` (tensor); the sequence
+and head_dim stay whole.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
+import jax
+from jax.sharding import PartitionSpec
+
+from pythia_jax.attention.pallas_tpu import (BlockSizes, UnsupportedShapeError, check_supported,
+                                             pallas_attention)
 from pythia_jax.attention.xla import xla_attention
 
-__all__ = ["attend", "xla_attention", "IMPLS"]
+__all__ = ["attend", "resolve_impl", "xla_attention", "pallas_attention", "BlockSizes",
+           "UnsupportedShapeError", "IMPLS", "AUTO_TPU_PREFERENCE", "AUTO_TPU_ENV"]
 
 IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 
+logger = logging.getLogger("pythia_jax")
 
-def attend(q, k, v, *, impl: str = "xla", causal: bool = True, mask=None, rotary=None):
-    """Scaled dot-product attention with scale head_dim**-0.5 and softmax in float32.
+#: Environment override of the TPU choice of `auto` ("pallas" or "splash").
+AUTO_TPU_ENV = "PYTHIA_JAX_AUTO_TPU_ATTENTION"
+#: TPU device_kind substring -> impl for `auto`, filled from bench/attention.py results where
+#: splash beat our kernel. Kinds not listed use "pallas".
+AUTO_TPU_PREFERENCE: dict[str, str] = {}
 
-    q [B, T, N, H]; k, v [B, S, N, H]. `mask` [B, T, S] bool (True = attend) is only supported
-    by `xla`. `rotary=(cos_BTR, sin_BTR)` asks a fused-rotary kernel to rotate q and k itself.
+
+def _tpu_choice() -> str:
+    env = os.environ.get(AUTO_TPU_ENV)
+    if env:
+        if env not in ("pallas", "splash"):
+            raise ValueError(f"{AUTO_TPU_ENV}: expected 'pallas' or 'splash', got {env!r}")
+        return env
+    try:
+        kind = jax.devices()[0].device_kind
+    except RuntimeError:  # pragma: no cover - no devices
+        kind = ""
+    for sub, impl in AUTO_TPU_PREFERENCE.items():
+        if sub in kind:
+            return impl
+    return "pallas"
+
+
+def _check(impl, q_shape, k_shape, dtype, *, causal, rotary_dim):
+    """Raise UnsupportedShapeError if `impl` cannot run these shapes."""
+    if impl == "pallas":
+        check_supported(q_shape, k_shape, rotary_dim=rotary_dim, causal=causal)
+    elif impl == "splash":
+        from pythia_jax.attention import splash
+        splash.check_supported(q_shape, k_shape, causal=causal)
+    elif impl == "cudnn":
+        from pythia_jax.attention import cudnn
+        cudnn.check_supported(q_shape, k_shape, dtype, causal=causal)
+
+
+def resolve_impl(impl: str, q_shape, k_shape, dtype, *, causal: bool = True, mask=None,
+                 rotary_dim: int | None = None, backend: str | None = None) -> str:
+    """The concrete implementation `attend` runs for `impl` on `backend` (default: JAX's).
+
+    Explicit impls are returned unchanged (their own checks raise clear errors). `auto` picks
+    per backend and falls back to "xla", logging why, when the pick cannot take the shapes.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention_impl: expected one of {IMPLS}, got {impl!r}")
-    if rotary is not None and impl != "pallas":
-        raise ValueError("fused rotary is only available with attention_impl='pallas'")
-    if impl == "xla" or (impl == "auto" and mask is not None):
+    if impl != "auto":
+        return impl
+    if mask is not None:
+        return "xla"  # explicit masks (KV-cache decoding) are an xla-only feature
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        choice = _tpu_choice()
+    elif backend in ("gpu", "cuda"):
+        choice = "cudnn"
+    else:
+        return "xla"
+    try:
+        _check(choice, q_shape, k_shape, dtype, causal=causal,
+               rotary_dim=rotary_dim if choice == "pallas" else None)
+    except UnsupportedShapeError as e:
+        logger.warning("attention_impl='auto': %s kernel cannot run q %s, k %s (%s); falling back "
+                       "to 'xla'", choice, tuple(q_shape), tuple(k_shape), e)
+        return "xla"
+    return choice
+
+
+def _apply_rotary(q, k, rotary):
+    from pythia_jax.model import apply_rotary  # lazy: model imports this package
+    cos, sin = rotary
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def _shard_mapped(fn, q, k, v, rotary):
+    """Run fn(q, k, v, rotary) per shard under the active mesh (or directly without one)."""
+    from pythia_jax.sharding import active_mesh, logical_to_spec
+    mesh = active_mesh()
+    if mesh is None:
+        return fn(q, k, v, rotary)
+    full = logical_to_spec(("batch", "length", "act_heads", None))
+    spec = PartitionSpec(full[0], None, full[2], None)  # keep the sequence whole
+    if rotary is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh,
+                             in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+    tspec = PartitionSpec(full[0], None, None)
+    return jax.shard_map(lambda q, k, v, c, s: fn(q, k, v, (c, s)), mesh=mesh,
+                         in_specs=(spec, spec, spec, tspec, tspec), out_specs=spec,
+                         check_vma=False)(q, k, v, *rotary)
+
+
+def attend(q, k, v, *, impl: str = "xla", causal: bool = True, mask=None, rotary=None,
+           block_sizes: BlockSizes | None = None, interpret=None):
+    """Scaled dot-product attention with scale head_dim**-0.5 and softmax in float32.
+
+    q [B, T, N, H]; k, v [B, S, N, H]. `mask` [B, T, S] bool (True = attend) is only supported
+    by `xla` (and `auto`, which then uses xla). `rotary=(cos_BTR, sin_BTR)`: q and k come in
+    un-rotated; `pallas` rotates them inside the kernel, every other impl applies the same
+    rotary in XLA first. `block_sizes` / `interpret` are passed to the pallas kernel.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention_impl: expected one of {IMPLS}, got {impl!r}")
+    if mask is not None and impl not in ("xla", "auto"):
+        raise ValueError(f"attention_impl={impl!r}: an explicit attention mask is only supported "
+                         f"by 'xla'")
+    rotary_dim = None if rotary is None else rotary[0].shape[-1]
+    chosen = resolve_impl(impl, q.shape, k.shape, q.dtype, causal=causal, mask=mask,
+                          rotary_dim=rotary_dim)
+    if rotary is not None and chosen != "pallas":
+        q, k = _apply_rotary(q, k, rotary)
+        rotary = None
+    if chosen == "xla":
         return xla_attention(q, k, v, causal=causal, mask=mask)
-    raise NotImplementedError(f"attention_impl={impl!r} is not available yet")
+    # Check on the global shapes (sequence and head_dim are never sharded) for a clear error.
+    _check(chosen, q.shape, k.shape, q.dtype, causal=causal, rotary_dim=rotary_dim)
+    if chosen == "pallas":
+        fn = functools.partial(_pallas, causal=causal, block_sizes=block_sizes,
+                               interpret=interpret)
+    elif chosen == "splash":
+        fn = functools.partial(_splash, causal=causal, interpret=interpret)
+    else:
+        fn = functools.partial(_cudnn, causal=causal)
+    return _shard_mapped(fn, q, k, v, rotary)
+
+
+def _pallas(q, k, v, rotary, *, causal, block_sizes, interpret):
+    return pallas_attention(q, k, v, causal=causal, rotary=rotary, block_sizes=block_sizes,
+                            interpret=interpret)
+
+
+def _splash(q, k, v, rotary, *, causal, interpret):
+    from pythia_jax.attention.splash import splash_attention
+    assert rotary is None
+    return splash_attention(q, k, v, causal=causal, interpret=interpret)
+
+
+def _cudnn(q, k, v, rotary, *, causal):
+    from pythia_jax.attention.cudnn import cudnn_attention
+    assert rotary is None
+    return cudnn_attention(q, k, v, causal=causal)

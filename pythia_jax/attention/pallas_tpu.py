@@ -1,0 +1,701 @@
+"""Our Pallas TPU (Mosaic) flash attention: forward, dQ and dK/dV kernels, optional fused rotary.
+
+Public entry points:
+
+    pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal=True, rotary=None, block_sizes=None,
+                     interpret=None, return_lse=False)
+    flash_attention(q_BNTH, k_BNSH, v_BNSH, ...)          # same, head-major layout
+    check_supported(q_shape, k_shape, ...)                 # raises UnsupportedShapeError
+
+Algorithm (FlashAttention-2 style, written for the TPU's (8, 128) tiling):
+
+* Forward: grid (B, N, T/bq, S/bk). q, o and the f32 accumulators stay resident while the last
+  ("arbitrary") grid axis walks the kv blocks. Online softmax with the running max m and sum l
+  kept lane-replicated as (bq, 128) f32; p is cast to v's dtype for the PV matmul, accumulation
+  is f32. The logsumexp m + log(l) is written once per q block as a (1, bq) row of a [B, N, 1, T]
+  f32 array (one value per query, no 128x lane replication in HBM).
+* Causal skipping: the kv index map clamps every block above the diagonal to the last block the
+  q block needs, so the pipeline sees an unchanged block index and issues no DMA for it; compute
+  is guarded with `pl.when`. Inside a kv block the work is split into compute chunks of
+  `block_kv_compute` columns: chunks entirely above the diagonal are skipped, chunks entirely
+  below it run without any mask arithmetic, and only chunks crossing the diagonal build the
+  iota mask. Large DMA blocks thus do not cost large causal waste.
+* Backward: residuals are q, k, v, o and the lse row. `di = rowsum(o * do)` is computed in XLA
+  (minus the lse cotangent, so a differentiated lse is handled exactly). The dK/dV kernel walks
+  q blocks for a resident kv block and works on transposed score tiles (bk, bq) so the lse and di
+  rows broadcast along sublanes; its q-block index map clamps the blocks below the needed range
+  (no DMA). The dQ kernel walks kv blocks for a resident q block (same clamp as the forward).
+  All non-reduction grid axes are "parallel", so megacore chips (v4, v5p) split them over both
+  TensorCores, the backward included.
+* Fused rotary (optional): `rotary=(cos_BTR, sin_BTR)` float32 tables (NeoX rotate-half over the
+  first R channels of each head). q and k go in un-rotated; each kernel fetches the table rows of
+  its q / kv block (positions = block offset + row) with the same index maps as q / k and rotates
+  in f32 before the matmuls: q once per resident q block, k per chunk in the forward and dQ
+  kernels, k once per resident kv block in the dK/dV kernel. The backward rotates the gradients
+  back with the transposed rotation, so dq and dk are gradients with respect to the un-rotated
+  inputs. The tables are treated as constants (`stop_gradient`; they are functions of integer
+  positions).
+
+On CPU the kernels run in Pallas interpret mode automatically (`interpret=None`); pass
+`interpret=True` / `pltpu.InterpretParams(...)` / `False` to override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+__all__ = [
+    "BlockSizes",
+    "UnsupportedShapeError",
+    "check_supported",
+    "flash_attention",
+    "pallas_attention",
+    "vmem_estimate_bytes",
+    "SEQ_MULTIPLE",
+    "MAX_HEAD_DIM",
+]
+
+#: Finite mask value: exp(MASK - m) underflows to 0 without inf - inf = NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+NUM_LANES = 128
+#: Every sequence length (q and kv) must be a multiple of this.
+SEQ_MULTIPLE = 128
+#: head_dim must be a multiple of HEAD_DIM_MULTIPLE and at most MAX_HEAD_DIM.
+HEAD_DIM_MULTIPLE = 16
+MAX_HEAD_DIM = 256
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+class UnsupportedShapeError(ValueError):
+    """The Pallas kernel cannot handle these shapes / block sizes (message names the rule)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Block sizes
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (all multiples of 128). `*_compute` split a DMA block into compute chunks.
+
+    Defaults are clipped to the sequence length: a default that does not divide the length is
+    halved until it does (every length here is a multiple of 128). Explicit values must divide
+    the length, else `UnsupportedShapeError`.
+    """
+
+    block_q: int | None = None
+    block_kv: int | None = None
+    block_kv_compute: int | None = None
+    block_q_dkv: int | None = None
+    block_kv_dkv: int | None = None
+    block_q_dkv_compute: int | None = None
+    block_q_dq: int | None = None
+    block_kv_dq: int | None = None
+    block_kv_dq_compute: int | None = None
+
+    #: The defaults (chosen for T = 2048; see docs/attention.md).
+    DEFAULTS = dict(block_q=512, block_kv=1024, block_kv_compute=256,
+                    block_q_dkv=512, block_kv_dkv=512, block_q_dkv_compute=256,
+                    block_q_dq=512, block_kv_dq=1024, block_kv_dq_compute=256)
+
+    @classmethod
+    def uniform(cls, block: int, compute: int | None = None) -> "BlockSizes":
+        """Every block = `block`, every compute chunk = `compute` (default: `block`)."""
+        c = compute or block
+        return cls(block, block, c, block, block, c, block, block, c)
+
+    def resolve(self, T: int, S: int) -> "BlockSizes":
+        """Concrete sizes for query length T and key length S (validated)."""
+        seq_of = {"block_q": T, "block_kv": S, "block_kv_compute": S, "block_q_dkv": T,
+                  "block_kv_dkv": S, "block_q_dkv_compute": T, "block_q_dq": T,
+                  "block_kv_dq": S, "block_kv_dq_compute": S}
+        parent = {"block_kv_compute": "block_kv", "block_q_dkv_compute": "block_q_dkv",
+                  "block_kv_dq_compute": "block_kv_dq"}
+        out = {}
+        for f in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq",
+                  "block_kv_dq", "block_kv_compute", "block_q_dkv_compute",
+                  "block_kv_dq_compute"):
+            length = seq_of[f]
+            limit = out[parent[f]] if f in parent else length
+            v = getattr(self, f)
+            if v is None:
+                v = min(self.DEFAULTS[f], limit)
+                while limit % v:
+                    v //= 2
+            else:
+                if not isinstance(v, int) or v <= 0 or v % SEQ_MULTIPLE:
+                    raise UnsupportedShapeError(
+                        f"BlockSizes.{f}: block sizes must be positive multiples of "
+                        f"{SEQ_MULTIPLE}, got {v!r}")
+                if limit % v:
+                    what = f"BlockSizes.{parent[f]}={limit}" if f in parent else f"length {length}"
+                    raise UnsupportedShapeError(
+                        f"BlockSizes.{f}={v} must divide {what}")
+            out[f] = v
+        return BlockSizes(**out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+def check_supported(q_shape, k_shape, *, rotary_dim: int | None = None, causal: bool = True,
+                    block_sizes: BlockSizes | None = None, layout: str = "BTNH") -> BlockSizes:
+    """Raise `UnsupportedShapeError` naming the violated constraint; return resolved blocks."""
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise UnsupportedShapeError(f"pallas attention: expected rank-4 q and k, got {q_shape} "
+                                    f"and {k_shape}")
+    if layout == "BTNH":
+        B, T, N, H = q_shape
+        Bk, S, Nk, Hk = k_shape
+    else:
+        B, N, T, H = q_shape
+        Bk, Nk, S, Hk = k_shape
+    if (B, N, H) != (Bk, Nk, Hk):
+        raise UnsupportedShapeError(f"pallas attention: q {tuple(q_shape)} and k "
+                                    f"{tuple(k_shape)} differ in batch, heads or head_dim")
+    if T % SEQ_MULTIPLE or T == 0:
+        raise UnsupportedShapeError(
+            f"pallas attention: the query length must be a positive multiple of {SEQ_MULTIPLE}, "
+            f"got {T}")
+    if S % SEQ_MULTIPLE or S == 0:
+        raise UnsupportedShapeError(
+            f"pallas attention: the key length must be a positive multiple of {SEQ_MULTIPLE}, "
+            f"got {S}")
+    if causal and S < T:
+        raise UnsupportedShapeError(f"pallas attention: causal needs key length >= query length "
+                                    f"(queries are the last T keys), got T={T}, S={S}")
+    if H % HEAD_DIM_MULTIPLE or not 0 < H <= MAX_HEAD_DIM:
+        raise UnsupportedShapeError(
+            f"pallas attention: head_dim must be a multiple of {HEAD_DIM_MULTIPLE} in "
+            f"[{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], got {H}")
+    if rotary_dim is not None:
+        if rotary_dim % 2 or not 0 < rotary_dim <= H:
+            raise UnsupportedShapeError(
+                f"pallas attention: fused rotary needs an even rotary dim in (0, head_dim={H}], "
+                f"got {rotary_dim}")
+        if causal and S != T:
+            raise UnsupportedShapeError(
+                f"pallas attention: fused rotary needs key length == query length, got T={T}, "
+                f"S={S}")
+    return (block_sizes or BlockSizes()).resolve(T, S)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static configuration shared by the kernels
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    scale: float
+    blocks: BlockSizes
+    interpret: Any
+    rotary: bool
+    T: int
+    S: int
+
+    @property
+    def offset(self) -> int:  # queries are the last T of the S keys
+        return self.S - self.T
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _rotate(x, cos, sin):
+    """NeoX rotate-half on the first R lanes of f32 x (n, H); cos/sin (n, R) f32."""
+    R = cos.shape[-1]
+    half = R // 2
+    xr = x[:, :R]
+    rot = jnp.concatenate([-xr[:, half:], xr[:, :half]], axis=1)
+    out = xr * cos + rot * sin
+    if R == x.shape[1]:
+        return out
+    return jnp.concatenate([out, x[:, R:]], axis=1)
+
+
+def _rotate_t(d, cos, sin):
+    """Transpose of `_rotate` applied to a cotangent d (n, H) f32."""
+    R = cos.shape[-1]
+    half = R // 2
+    dr = d[:, :R]
+    y = dr * sin
+    out = dr * cos + jnp.concatenate([y[:, half:], -y[:, :half]], axis=1)
+    if R == d.shape[1]:
+        return out
+    return jnp.concatenate([out, d[:, R:]], axis=1)
+
+
+def _compiler_params(n_parallel: int):
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
+
+
+def _causal_kv_last(i, bq, bk, offset):
+    """Index of the last kv block a q block i needs (causal)."""
+    return lax.div(i * bq + (bq - 1 + offset), bk)
+
+
+def _causal_q_first(j, bq, bk, offset):
+    """Index of the first q block a kv block j needs (causal)."""
+    return lax.div(jnp.maximum(j * bk - offset, 0), bq)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward kernel
+def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
+    if st.rotary:
+        (q_ref, k_ref, v_ref, qc_ref, qs_ref, kc_ref, ks_ref,
+         o_ref, lse_ref, m_sc, l_sc, acc_sc, qrot_sc) = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        if st.rotary:
+            qrot_sc[...] = _rotate(q_ref[...].astype(jnp.float32), qc_ref[...],
+                                   qs_ref[...]).astype(qrot_sc.dtype)
+
+    row0 = i * bq + st.offset  # key position of the block's first query
+
+    def chunk(c, masked):
+        sl = pl.ds(c * bkc, bkc)
+        q = qrot_sc[...] if st.rotary else q_ref[...]
+        k = k_ref[sl, :]
+        if st.rotary:
+            k = _rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
+        v = v_ref[sl, :]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+        s = s * st.scale
+        if masked:
+            row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+            col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(col <= row, s, MASK_VALUE)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (bq, 128)
+        p = jnp.exp(s - m_new[:, :1])
+        alpha = jnp.exp(m_prev - m_new)
+        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+        m_sc[...] = m_new
+        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32,
+                             precision=prec)
+        acc_sc[...] = acc_sc[...] * alpha[:, :1] + pv
+
+    for c in range(bk // bkc):
+        if st.causal:
+            col0 = j * bk + c * bkc
+            needed = col0 <= row0 + (bq - 1)
+            unmasked = col0 + (bkc - 1) <= row0
+            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
+            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
+        else:
+            chunk(c, False)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        l = l_sc[...]
+        o_ref[...] = (acc_sc[...] * (1.0 / l)[:, :1]).astype(o_ref.dtype)
+        lse = m_sc[...] + jnp.log(l)  # (bq, 128), lane-replicated
+        lse_ref[...] = jnp.transpose(lse)[:1, :]
+
+
+def _fwd_call(q, k, v, rot, st: _Static):
+    B, N, T, H = q.shape
+    S = k.shape[2]
+    bl = st.blocks
+    bq, bk, bkc = bl.block_q, bl.block_kv, bl.block_kv_compute
+    nq, nk = T // bq, S // bk
+    if st.causal:
+        def kv_map(b, h, i, j):
+            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset)), 0
+    else:
+        def kv_map(b, h, i, j):
+            return b, h, j, 0
+    sq = pl.squeezed
+    in_specs = [pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0)),
+                pl.BlockSpec((sq, sq, bk, H), kv_map),
+                pl.BlockSpec((sq, sq, bk, H), kv_map)]
+    args = [q, k, v]
+    scratch = [pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+               pltpu.VMEM((bq, H), jnp.float32)]
+    if st.rotary:
+        cos, sin = rot
+        R = cos.shape[-1]
+        q_tab = pl.BlockSpec((sq, bq, R), lambda b, h, i, j: (b, i, 0))
+        k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
+        in_specs += [q_tab, q_tab, k_tab, k_tab]
+        args += [cos, sin, cos, sin]
+        scratch.append(pltpu.VMEM((bq, H), q.dtype))
+    out_shape = [jax.ShapeDtypeStruct((B, N, T, H), q.dtype),
+                 jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)]
+    out_specs = [pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0)),
+                 pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))]
+    kernel = functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
+                               prec=_precision(q.dtype))
+    frac = _causal_fraction(T, S) if st.causal else 1.0
+    itemsize = jnp.dtype(q.dtype).itemsize
+    cost = pl.CostEstimate(
+        flops=int(4 * B * N * T * S * H * frac),
+        transcendentals=int(B * N * T * S * frac),
+        bytes_accessed=int(itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac)) + 4 * B * N * T))
+    o, lse = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, N, nq, nk), in_specs=in_specs,
+        out_specs=out_specs, scratch_shapes=scratch, compiler_params=_compiler_params(3),
+        interpret=st.interpret, cost_estimate=cost, name="pythia_flash_fwd",
+    )(*args)
+    return o, lse
+
+
+def _causal_fraction(T, S):
+    """Fraction of the T x S score matrix on or below the (offset) diagonal."""
+    off = S - T
+    visible = T * off + T * (T + 1) / 2
+    return visible / (T * S)
+
+
+# ------------------------------------------------------------------------------------------------
+# dQ kernel: resident q block, walks kv blocks.
+def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
+    if st.rotary:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
+         dq_ref, dq_sc, qrot_sc) = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc = refs
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        if st.rotary:
+            qrot_sc[...] = _rotate(q_ref[...].astype(jnp.float32), qc_ref[...],
+                                   qs_ref[...]).astype(qrot_sc.dtype)
+
+    row0 = i * bq + st.offset
+
+    def chunk(c, masked):
+        sl = pl.ds(c * bkc, bkc)
+        q = qrot_sc[...] if st.rotary else q_ref[...]
+        k = k_ref[sl, :]
+        if st.rotary:
+            k = _rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
+        v = v_ref[sl, :]
+        do = do_ref[...]
+        lse = jnp.expand_dims(lse_ref[0], -1)  # (bq, 1)
+        di = jnp.expand_dims(di_ref[0], -1)
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+        s = s * st.scale
+        if masked:
+            row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+            col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(col <= row, s, MASK_VALUE)
+        p = jnp.exp(s - lse)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
+        ds = p * (dp - di)
+        dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                      preferred_element_type=jnp.float32, precision=prec)
+
+    for c in range(bk // bkc):
+        if st.causal:
+            col0 = j * bk + c * bkc
+            needed = col0 <= row0 + (bq - 1)
+            unmasked = col0 + (bkc - 1) <= row0
+            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
+            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
+        else:
+            chunk(c, False)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq = dq_sc[...] * st.scale
+        if st.rotary:
+            dq = _rotate_t(dq, qc_ref[...], qs_ref[...])
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
+    B, N, T, H = q.shape
+    S = k.shape[2]
+    bl = st.blocks
+    bq, bk, bkc = bl.block_q_dq, bl.block_kv_dq, bl.block_kv_dq_compute
+    nq, nk = T // bq, S // bk
+    if st.causal:
+        def kv_map(b, h, i, j):
+            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset)), 0
+    else:
+        def kv_map(b, h, i, j):
+            return b, h, j, 0
+    sq = pl.squeezed
+    q_spec = pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0))
+    row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))
+    in_specs = [q_spec, pl.BlockSpec((sq, sq, bk, H), kv_map),
+                pl.BlockSpec((sq, sq, bk, H), kv_map), q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse, di]
+    scratch = [pltpu.VMEM((bq, H), jnp.float32)]
+    if st.rotary:
+        cos, sin = rot
+        R = cos.shape[-1]
+        q_tab = pl.BlockSpec((sq, bq, R), lambda b, h, i, j: (b, i, 0))
+        k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
+        in_specs += [q_tab, q_tab, k_tab, k_tab]
+        args += [cos, sin, cos, sin]
+        scratch.append(pltpu.VMEM((bq, H), q.dtype))
+    kernel = functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
+                               prec=_precision(q.dtype))
+    frac = _causal_fraction(T, S) if st.causal else 1.0
+    itemsize = jnp.dtype(q.dtype).itemsize
+    cost = pl.CostEstimate(
+        flops=int(6 * B * N * T * S * H * frac),
+        transcendentals=int(B * N * T * S * frac),
+        bytes_accessed=int(itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac))
+                           + 8 * B * N * T))
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(B, N, nq, nk),
+        in_specs=in_specs, out_specs=q_spec, scratch_shapes=scratch,
+        compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
+        name="pythia_flash_dq",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# dK/dV kernel: resident kv block, walks q blocks; transposed (bk, bq) score tiles.
+def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
+    if st.rotary:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
+         dk_ref, dv_ref, dk_sc, dv_sc, krot_sc) = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    j, i = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+        if st.rotary:
+            krot_sc[...] = _rotate(k_ref[...].astype(jnp.float32), kc_ref[...],
+                                   ks_ref[...]).astype(krot_sc.dtype)
+
+    col0 = j * bk  # position of the block's first key
+
+    def chunk(c, masked):
+        sl = pl.ds(c * bqc, bqc)
+        q = q_ref[sl, :]
+        if st.rotary:
+            q = _rotate(q.astype(jnp.float32), qc_ref[sl, :], qs_ref[sl, :]).astype(q.dtype)
+        k = krot_sc[...] if st.rotary else k_ref[...]
+        v = v_ref[...]
+        do = do_ref[sl, :]
+        lse = lse_ref[:, c * bqc:(c + 1) * bqc]  # (1, bqc)
+        di = di_ref[:, c * bqc:(c + 1) * bqc]
+        s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32, precision=prec)
+        s = s * st.scale  # (bk, bqc): rows are keys, columns queries
+        if masked:
+            key = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+            qpos = i * bq + c * bqc + st.offset + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(key <= qpos, s, MASK_VALUE)
+        p = jnp.exp(s - lse)
+        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, _NN,
+                                      preferred_element_type=jnp.float32, precision=prec)
+        dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32, precision=prec)
+        ds = p * (dp - di)
+        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, _NN,
+                                      preferred_element_type=jnp.float32, precision=prec)
+
+    for c in range(bq // bqc):
+        if st.causal:
+            q0 = i * bq + c * bqc + st.offset
+            needed = col0 <= q0 + (bqc - 1)
+            unmasked = col0 + (bk - 1) <= q0
+            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
+            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
+        else:
+            chunk(c, False)
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _finish():
+        dk = dk_sc[...] * st.scale
+        if st.rotary:
+            dk = _rotate_t(dk, kc_ref[...], ks_ref[...])
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
+    B, N, T, H = q.shape
+    S = k.shape[2]
+    bl = st.blocks
+    bq, bk, bqc = bl.block_q_dkv, bl.block_kv_dkv, bl.block_q_dkv_compute
+    nq, nk = T // bq, S // bk
+    if st.causal:
+        def q_index(j, i):
+            return jnp.maximum(i, _causal_q_first(j, bq, bk, st.offset))
+    else:
+        def q_index(j, i):
+            return i
+    sq = pl.squeezed
+    q_spec = pl.BlockSpec((sq, sq, bq, H), lambda b, h, j, i: (b, h, q_index(j, i), 0))
+    kv_spec = pl.BlockSpec((sq, sq, bk, H), lambda b, h, j, i: (b, h, j, 0))
+    row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, j, i: (b, h, 0, q_index(j, i)))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse, di]
+    scratch = [pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]
+    if st.rotary:
+        cos, sin = rot
+        R = cos.shape[-1]
+        q_tab = pl.BlockSpec((sq, bq, R), lambda b, h, j, i: (b, q_index(j, i), 0))
+        k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, j, i: (b, j, 0))
+        in_specs += [q_tab, q_tab, k_tab, k_tab]
+        args += [cos, sin, cos, sin]
+        scratch.append(pltpu.VMEM((bk, H), k.dtype))
+    kernel = functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk, bqc=bqc,
+                               prec=_precision(q.dtype))
+    frac = _causal_fraction(T, S) if st.causal else 1.0
+    itemsize = jnp.dtype(q.dtype).itemsize
+    cost = pl.CostEstimate(
+        flops=int(8 * B * N * T * S * H * frac),
+        transcendentals=int(B * N * T * S * frac),
+        bytes_accessed=int(itemsize * B * N * H * (4 * S + 2 * T * max(1, nk * frac))
+                           + 8 * B * N * T * max(1, nk * frac)))
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, N, nk, nq), in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec], scratch_shapes=scratch,
+        compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
+        name="pythia_flash_dkv",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_vjp wiring
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, rot, st: _Static):
+    o, lse = _fwd_call(q, k, v, rot, st)
+    return o, lse
+
+
+def _flash_fwd(q, k, v, rot, st: _Static):
+    o, lse = _fwd_call(q, k, v, rot, st)
+    return (o, lse), (q, k, v, rot, o, lse)
+
+
+def _flash_bwd(st: _Static, res, cts):
+    q, k, v, rot, o, lse = res
+    do, dlse = cts
+    do = do.astype(q.dtype)
+    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
+    if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+        di = di - dlse.astype(jnp.float32)
+    dq = _dq_call(q, k, v, do, lse, di, rot, st)
+    dk, dv = _dkv_call(q, k, v, do, lse, di, rot, st)
+    drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
+    return dq, dk, dv, drot
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _resolve_interpret(interpret):
+    if interpret is not None:
+        return interpret
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return True
+    if backend != "tpu":
+        raise ValueError(
+            f"attention_impl='pallas' is a TPU (Mosaic) kernel; the default backend is "
+            f"{backend!r}. Use 'cudnn' or 'auto' on GPU, or pass interpret=True.")
+    return False
+
+
+def flash_attention(q_BNTH, k_BNSH, v_BNSH, *, causal: bool = True, scale: float | None = None,
+                    rotary=None, block_sizes: BlockSizes | None = None, interpret=None,
+                    return_lse: bool = False):
+    """Flash attention on head-major arrays: q [B, N, T, H], k/v [B, N, S, H] -> o [B, N, T, H].
+
+    `rotary=(cos, sin)`: [B, T, R] float32 tables; q and k are rotated in-kernel (NeoX
+    rotate-half on the first R channels). `return_lse=True` also returns the f32 logsumexp of
+    the scaled scores, [B, N, T]. Raises `UnsupportedShapeError` for shapes the kernel cannot
+    handle.
+    """
+    rotary_dim = None if rotary is None else rotary[0].shape[-1]
+    blocks = check_supported(q_BNTH.shape, k_BNSH.shape, rotary_dim=rotary_dim, causal=causal,
+                             block_sizes=block_sizes, layout="BNTH")
+    if v_BNSH.shape != k_BNSH.shape:
+        raise UnsupportedShapeError(f"pallas attention: v {v_BNSH.shape} must have k's shape "
+                                    f"{k_BNSH.shape}")
+    B, N, T, H = q_BNTH.shape
+    S = k_BNSH.shape[2]
+    dtype = q_BNTH.dtype
+    rot = None
+    if rotary is not None:
+        cos, sin = rotary
+        want = (B, T, rotary_dim)
+        if tuple(cos.shape) != want or tuple(sin.shape) != want:
+            raise UnsupportedShapeError(f"pallas attention: rotary tables must be {want} (batch, "
+                                        f"length, rotary_dim), got {cos.shape} and {sin.shape}")
+        rot = (lax.stop_gradient(cos.astype(jnp.float32)),
+               lax.stop_gradient(sin.astype(jnp.float32)))
+    st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
+                 blocks=blocks, interpret=_resolve_interpret(interpret),
+                 rotary=rot is not None, T=T, S=S)
+    o, lse = _flash(q_BNTH, k_BNSH.astype(dtype), v_BNSH.astype(dtype), rot, st)
+    return (o, lse[:, :, 0, :]) if return_lse else o
+
+
+def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: float | None = None,
+                     rotary=None, block_sizes: BlockSizes | None = None, interpret=None,
+                     return_lse: bool = False):
+    """`flash_attention` at the model's layout: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H]."""
+    rotary_dim = None if rotary is None else rotary[0].shape[-1]
+    check_supported(q_BTNH.shape, k_BSNH.shape, rotary_dim=rotary_dim, causal=causal,
+                    block_sizes=block_sizes, layout="BTNH")
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    out = flash_attention(t(q_BTNH), t(k_BSNH), t(v_BSNH), causal=causal, scale=scale,
+                          rotary=rotary, block_sizes=block_sizes, interpret=interpret,
+                          return_lse=return_lse)
+    if return_lse:
+        return t(out[0]), out[1]
+    return t(out)
+
+
+# ------------------------------------------------------------------------------------------------
+def vmem_estimate_bytes(head_dim: int, dtype, blocks: BlockSizes, *, rotary_dim: int = 0,
+                        kernel: str = "fwd") -> int:
+    """Our own upper estimate of a kernel's VMEM: double-buffered blocks + scratch + f32 tiles.
+
+    Blocks are padded to the (8, 128) tile (lanes rounded up to 128).
+    """
+    it = jnp.dtype(dtype).itemsize
+    lanes = -(-head_dim // NUM_LANES) * NUM_LANES
+    tab = NUM_LANES * 4 if rotary_dim else 0
+    if kernel == "fwd":
+        bq, bk, c = blocks.block_q, blocks.block_kv, blocks.block_kv_compute
+        io = 2 * (bq * lanes * it + 2 * bk * lanes * it + bq * lanes * it + NUM_LANES * 8 * 4
+                  + 2 * (bq + bk) * tab)
+        scratch = 2 * bq * NUM_LANES * 4 + bq * lanes * 4 + (bq * lanes * it if rotary_dim else 0)
+        temps = 3 * bq * c * 4
+    elif kernel == "dq":
+        bq, bk, c = blocks.block_q_dq, blocks.block_kv_dq, blocks.block_kv_dq_compute
+        io = 2 * (3 * bq * lanes * it + 2 * bk * lanes * it + 2 * 8 * bq * 4
+                  + 2 * (bq + bk) * tab)
+        scratch = bq * lanes * 4 + (bq * lanes * it if rotary_dim else 0)
+        temps = 4 * bq * c * 4
+    elif kernel == "dkv":
+        bq, bk, c = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.block_q_dkv_compute
+        io = 2 * (2 * bq * lanes * it + 4 * bk * lanes * it + 2 * 8 * bq * 4
+                  + 2 * (bq + bk) * tab)
+        scratch = 2 * bk * lanes * 4 + (bk * lanes * it if rotary_dim else 0)
+        temps = 4 * bk * c * 4
+    else:
+        raise ValueError(kernel)
+    return int(io + scratch + temps)
