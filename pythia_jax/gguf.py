@@ -285,8 +285,13 @@ def _convert(gguf, name: str, a: np.ndarray, q) -> np.ndarray:
             raise GGUFError(f"tensor {name}: values beyond the float16 range (max |x| = "
                             f"{float(np.max(np.abs(a32))):.4g}); export as bf16 or f32 instead")
         return out
-    out = gguf.quants.quantize(np.ascontiguousarray(a32), q)
-    return np.ascontiguousarray(out)
+    # quantize a few MiB of rows at a time (blocks never cross rows): bounded temporaries
+    rows2d = a32.reshape(-1, a32.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(rows2d.shape, q), np.uint8)
+    step = max(1, (1 << 22) // rows2d.shape[1])
+    for i in range(0, rows2d.shape[0], step):
+        out[i:i + step] = gguf.quants.quantize(np.ascontiguousarray(rows2d[i:i + step]), q)
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(a32.shape, q))
 
 
 def _nbytes(gguf, shape: tuple[int, ...], q) -> int:

@@ -310,6 +310,17 @@ def test_half_round_trip(tiny, exported, t, np_dtype):
         np.testing.assert_array_equal(b[k], want, err_msg=k)
 
 
+def test_load_onto_mesh_matches_plain_load(exported):
+    """With a mesh every parameter is assembled from per-device slices of the file's tensors."""
+    from pythia_jax.sharding import make_mesh
+    plain = flat_params(G.load_gguf(exported("q8_0")))
+    meshed = pythia_jax.from_pretrained(exported("q8_0"), mesh=make_mesh())
+    for k, v in flat_params(meshed).items():
+        np.testing.assert_array_equal(v, plain[k], err_msg=k)
+    assert meshed.embed_in.embedding.get_value().sharding.mesh.axis_names == \
+        ("data", "fsdp", "tensor")
+
+
 def _hf_rows(model) -> dict[str, np.ndarray]:
     """HF-orientation weights ([out, in]: quantization blocks run along the last axis)."""
     from pythia_jax.hf import hf_state_dict
@@ -359,6 +370,22 @@ def test_llama_cpp_f32_matches_ours(tiny, exported, prompt_ids):
         assert ours == theirs
     finally:
         llm.close()
+
+
+def test_llama_cpp_sequential_residual_and_full_rotary(tmp_path, prompt_ids):
+    """The other GPT-NeoX variants llama.cpp's metadata can express: sequential residual and a
+    different rotary fraction (here 1/2 of head_dim = 16 of 32)."""
+    model = tiny_model(seed=1, use_parallel_residual=False, rotary_pct=0.5)
+    path = G.export_gguf(model, tmp_path / "seq.gguf", "f32")
+    cfg = G.read_gguf_config(path)
+    assert cfg == model.config and cfg.rotary_dim == 16
+    llm = open_llama(path)
+    try:
+        m = compare(our_logits(model, prompt_ids), llama_logits(llm, prompt_ids))
+    finally:
+        llm.close()
+    report("f32 sequential residual, rotary 1/2", m)
+    assert m["rel"] <= 1e-2 and m["mean_kl"] <= 1e-5
 
 
 def test_llama_cpp_f16_matches_ours(tiny, exported, prompt_ids):
