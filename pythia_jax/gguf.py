@@ -440,7 +440,7 @@ def export_gguf(model, dst: str | os.PathLike, type: str = "f16", *,
                               "replace it")
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
-        raise GGUFError(f"expected a pythia_jax GPTNeoX model, got {type_name(model)}")
+        raise GGUFError(f"expected a pythia_jax GPTNeoX model, got {_type_name(model)}")
     if tokenizer is None:
         from pythia_jax.tokenizer import bundled_tokenizer_path
         tokenizer = bundled_tokenizer_path()
@@ -479,7 +479,7 @@ def export_gguf(model, dst: str | os.PathLike, type: str = "f16", *,
     return dst
 
 
-def type_name(x) -> str:
+def _type_name(x) -> str:
     return f"{type(x).__module__}.{type(x).__name__}"
 
 
@@ -801,17 +801,27 @@ class _GGUFSource:
 
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh=None, *,
-              progress: bool = False, **config_overrides):
+              compute_dtype: str | None = None, progress: bool = False, **config_overrides):
     """Load a `gptneox` GGUF (F32/F16/BF16/Q8_0/Q4_0/... dequantized) as a `GPTNeoX`.
 
-    dtype: parameter dtype ("float32", "bfloat16", "float16"). config_overrides: ModelConfig
-    fields, e.g. `gelu_approximate=True` (llama.cpp's tanh GELU) or execution options.
+    dtype: parameter dtype ("float32", "bfloat16", "float16", or "auto": float16 / bfloat16 when
+    every matrix in the file is stored in that type, else float32). compute_dtype: activation
+    dtype (ModelConfig.dtype). config_overrides: ModelConfig fields, e.g.
+    `gelu_approximate=True` (llama.cpp's tanh GELU) or execution options.
     """
     from pythia_jax.hf import load_hf_state_dict
     from pythia_jax.model import dtype_of
 
     path = os.fspath(path)
     reader = _open_reader(path)
+    if dtype == "auto":
+        kinds = {t.tensor_type.name for t in reader.tensors if len(t.ggml_shape) > 1}
+        dtype = {frozenset({"F16"}): "float16", frozenset({"BF16"}): "bfloat16"}.get(
+            frozenset(kinds), "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise GGUFError(f"dtype: expected 'float32', 'bfloat16', 'float16' or 'auto', got {dtype!r}")
+    if compute_dtype is not None:
+        config_overrides["dtype"] = compute_dtype
     cfg = read_gguf_config(path, reader, param_dtype=dtype, **config_overrides)
     src = _GGUFSource(reader, cfg, path)
     return load_hf_state_dict(cfg, src, where=path, param_dtype=np.dtype(dtype_of(dtype)),

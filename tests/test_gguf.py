@@ -310,6 +310,16 @@ def test_half_round_trip(tiny, exported, t, np_dtype):
         np.testing.assert_array_equal(b[k], want, err_msg=k)
 
 
+def test_load_dtype_auto_and_compute_dtype(tiny, exported):
+    m = G.load_gguf(exported("f16"), "auto", compute_dtype="bfloat16")
+    assert m.config.param_dtype == "float16" and m.config.dtype == "bfloat16"
+    want = tiny.layers.mlp.dense_h_to_4h.kernel.get_value().astype(jnp.float16)
+    assert np.array_equal(np.asarray(m.layers.mlp.dense_h_to_4h.kernel.get_value()), want)
+    assert G.load_gguf(exported("q8_0"), "auto").config.param_dtype == "float32"
+    with pytest.raises(G.GGUFError, match="dtype: expected"):
+        G.load_gguf(exported("f16"), "int8")
+
+
 def test_load_onto_mesh_matches_plain_load(exported):
     """With a mesh every parameter is assembled from per-device slices of the file's tensors."""
     from pythia_jax.sharding import make_mesh
