@@ -108,8 +108,14 @@ def resolve_model_dir(src: str) -> str:
         "config.json (HF directory) or a training workdir with checkpoints")
 
 
-def load_model(src: str, *, dtype: str | None = None, mesh=None, **config_overrides) -> GPTNeoX:
-    """Restore a model directory (or a training workdir's latest step) as a GPTNeoX."""
+def load_model(src: str, *, dtype: str | None = None, compute_dtype: str | None = None,
+               mesh=None, **config_overrides) -> GPTNeoX:
+    """Restore a model directory (or a training workdir's latest step) as a GPTNeoX.
+
+    dtype: parameter dtype (default: as saved); compute_dtype: activation dtype.
+    """
+    if compute_dtype is not None:
+        config_overrides["dtype"] = compute_dtype
     d = resolve_model_dir(os.fspath(src))
     cfg = config_from_json(os.path.join(d, CONFIG_NAME), **config_overrides)
     if dtype is not None:

@@ -483,8 +483,6 @@ def from_pretrained(src: str | os.PathLike, revision: str | None = None, dtype=N
     mesh: place each parameter directly sharded by the logical-axis rules.
     """
     src = os.fspath(src)
-    if compute_dtype is not None:
-        config_overrides["dtype"] = compute_dtype
     auto = dtype == "auto"
     try:
         param_dtype = np.dtype(jnp.dtype("float32" if auto or dtype is None else dtype))
@@ -495,11 +493,13 @@ def from_pretrained(src: str | os.PathLike, revision: str | None = None, dtype=N
         raise ValueError(f"dtype: expected 'auto', float32, bfloat16 or float16, got {dtype!r}")
     if src.endswith(".gguf"):
         from pythia_jax import gguf as gguf_lib
-        return gguf_lib.load_gguf(src, dtype=pd_name, mesh=mesh, **config_overrides)
+        return gguf_lib.load_gguf(src, dtype="auto" if auto else pd_name, mesh=mesh,
+                                  compute_dtype=compute_dtype, progress=progress,
+                                  **config_overrides)
     if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "config.json")):
         from pythia_jax import checkpoint as ckpt_lib
         return ckpt_lib.load_model(src, dtype=None if auto else pd_name, mesh=mesh,
-                                   **config_overrides)
+                                   compute_dtype=compute_dtype, **config_overrides)
     if _is_hub_id(src):
         src = _resolve_hub(src, revision)
     elif not os.path.isdir(src):
@@ -512,6 +512,8 @@ def from_pretrained(src: str | os.PathLike, revision: str | None = None, dtype=N
         stored = np.dtype(tensors.get(first).dtype) if first else param_dtype
         if stored in _DTYPE_NAMES:
             param_dtype, pd_name = stored, _DTYPE_NAMES[stored]
+    if compute_dtype is not None:
+        config_overrides["dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_json(os.path.join(src, "config.json"),
                                    param_dtype=pd_name, **config_overrides)
     return load_hf_state_dict(cfg, tensors, where=src, param_dtype=param_dtype, mesh=mesh,

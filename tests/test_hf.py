@@ -218,3 +218,13 @@ def test_orbax_model_directory_round_trip(tmp_path):
     (tmp_path / "jax" / "pythia_jax_config.json").write_text("{ bad")
     with pytest.raises(CheckpointDirError, match="pythia_jax_config.json: malformed JSON"):
         pythia_jax.from_pretrained(d)
+
+
+def test_compute_dtype_reaches_every_source_kind(tmp_path):
+    from pythia_jax.checkpoint import save_model
+    hf_dir = _export(tmp_path, tiny_hf_model(seed=13))
+    jax_dir = save_model(pythia_jax.from_pretrained(hf_dir), tmp_path / "jax")
+    for src in (hf_dir, jax_dir):
+        m = pythia_jax.from_pretrained(src, compute_dtype="bfloat16")
+        assert (m.config.param_dtype, m.config.dtype) == ("float32", "bfloat16")
+        assert np.asarray(m(np.zeros((1, 4), np.int32))).dtype == np.float32
