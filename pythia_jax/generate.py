@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import queue
+import sys
+import threading
+import types
 from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from pythia_jax.model import GPTNeoX, KVCache
 
@@ -141,7 +147,7 @@ def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
         srt = -jnp.sort(-logits, axis=-1)  # descending
         probs = jax.nn.softmax(srt, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
+        keep = (mass_before < top_p) | (top_p >= 1.0)
         keep = keep.at[..., 0].set(True)
         n_keep = jnp.sum(keep, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
@@ -189,12 +195,13 @@ class _State:
     pos: jax.Array        # [B] int32: its position
     done: jax.Array       # [B] bool
     tokens: jax.Array     # [B, N] int32 output buffer (PAD after EOS)
-    step: jax.Array       # int32: tokens produced so far
+    step: jax.Array       # int32: decode steps run so far
+    n_gen: jax.Array      # [B] int32: tokens produced by each sequence (its EOS included)
     scores: jax.Array | None  # [B, N, V] float32 (only with output_scores)
 
 
 jax.tree_util.register_dataclass(
-    _State, data_fields=["cache", "last", "pos", "done", "tokens", "step", "scores"], meta_fields=[])
+    _State, data_fields=["cache", "last", "pos", "done", "tokens", "step", "n_gen", "scores"], meta_fields=[])
 
 
 def _emit(st: _State, logits_BV, key, temperature, top_p, eos_ids, samp: _Sampling) -> _State:
@@ -208,7 +215,7 @@ def _emit(st: _State, logits_BV, key, temperature, top_p, eos_ids, samp: _Sampli
         scores = jax.lax.dynamic_update_slice_in_dim(scores, logits_BV[:, None], st.step, axis=1)
     done = st.done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=-1)
     return dataclasses.replace(st, last=nxt, done=done, tokens=tokens, step=st.step + 1,
-                               scores=scores)
+                               n_gen=st.n_gen + (~st.done).astype(jnp.int32), scores=scores)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "samp", "n_out", "cache_len",
@@ -225,12 +232,27 @@ def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, s
     st = _State(cache=cache, last=jnp.zeros((B,), jnp.int32),
                 pos=jnp.sum(mask, axis=1).astype(jnp.int32), done=jnp.zeros((B,), bool),
                 tokens=jnp.full((B, n_out), PAD_ID, jnp.int32), step=jnp.zeros((), jnp.int32),
-                scores=scores)
+                n_gen=jnp.zeros((B,), jnp.int32), scores=scores)
     return _emit(st, logits[:, -1], key, temperature, top_p, eos_ids, samp)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "samp"), donate_argnames=("st",))
-def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids, *, samp):
+# Streaming: the decode loop hands every step's tokens to the host through an ordered
+# io_callback; the host answers with per-row stop flags (so a callback can end sequences early,
+# e.g. on a stop string). Sinks are looked up by an id passed as data, so one compiled loop
+# serves every callback.
+_SINKS: dict[int, Callable] = {}
+_SINK_IDS = itertools.count(1)
+
+
+def _deliver(sid, toks, done):
+    out = _SINKS[int(sid)](np.asarray(toks), np.asarray(done))
+    return np.asarray(out, bool)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "samp", "stream"),
+                   donate_argnames=("st",))
+def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids, sid, *, samp,
+            stream):
     """Run decode steps while `step < stop` and some sequence is unfinished."""
     model = nnx.merge(graphdef, params)
     B = st.last.shape[0]
@@ -243,7 +265,12 @@ def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids
         logits, cache = model(s.last[:, None], positions_BT=s.pos[:, None], cache=s.cache,
                               attention_mask_BT=ones)
         s = dataclasses.replace(s, cache=cache, pos=s.pos + 1)
-        return _emit(s, logits[:, 0], key, temperature, top_p, eos_ids, samp)
+        s = _emit(s, logits[:, 0], key, temperature, top_p, eos_ids, samp)
+        if stream:
+            halt = io_callback(_deliver, jax.ShapeDtypeStruct((B,), jnp.bool_), sid,
+                               s.last, s.done, ordered=True)
+            s = dataclasses.replace(s, done=s.done | halt)
+        return s
 
     return jax.lax.while_loop(cond, body, st)
 
@@ -304,19 +331,25 @@ class _Run:
                         self.temperature, self.top_p, self.eos, samp=self.samp, n_out=self.n_out,
                         cache_len=self.cache_len, want_scores=self.want_scores)
 
-    def decode(self, st: _State, stop: int) -> _State:
-        return _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
-                       self.temperature, self.top_p, self.eos, samp=self.samp)
+    def decode(self, st: _State, stop: int, sink: Callable | None = None) -> _State:
+        if sink is None:
+            return _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
+                           self.temperature, self.top_p, self.eos, jnp.int32(0), samp=self.samp,
+                           stream=False)
+        sid = next(_SINK_IDS)
+        _SINKS[sid] = sink
+        try:
+            st = _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
+                         self.temperature, self.top_p, self.eos, jnp.int32(sid), samp=self.samp,
+                         stream=True)
+            jax.block_until_ready(st)
+        finally:
+            del _SINKS[sid]
+        return st
 
     def output(self, st: _State) -> GenerationOutput:
         tokens = np.asarray(st.tokens)[:, : self.max_new]
-        n = int(st.step)
-        eos = np.asarray(self.eos)
-        lengths = np.full(len(tokens), n, np.int32)
-        for i, row in enumerate(tokens[:, :n]):
-            hit = np.nonzero(np.isin(row, eos))[0]
-            if hit.size:
-                lengths[i] = hit[0] + 1
+        lengths = np.asarray(st.n_gen).astype(np.int32)
         scores = None
         if st.scores is not None:
             scores = np.asarray(st.scores)[:, : self.max_new]
@@ -326,20 +359,18 @@ class _Run:
 def generate_arrays(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                     eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
-                    output_scores: bool = False) -> GenerationOutput:
+                    output_scores: bool = False, callback=None) -> GenerationOutput:
     """Like `generate` but returns padded arrays (and optionally the per-step logits)."""
     run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
                attention_mask, output_scores)
-    st = run.prefill()
-    if run.max_new > 1:
-        st = run.decode(st, run.max_new)
-    return run.output(st)
+    return _execute(run, callback)
 
 
 def generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
-             callback: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+             callback: Callable[[np.ndarray, np.ndarray], object] | None = None
+             ) -> list[list[int]]:
     """Generate up to `max_new_tokens` tokens for each prompt; returns the new tokens per prompt.
 
     input_ids: a list of token lists (different lengths allowed), one token list, or an array
@@ -348,42 +379,102 @@ def generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float 
       top-p filters. seed: the sampling seed (same seed + same inputs = same tokens).
     eos_token_id: an id or a list of ids; a sequence stops after emitting one (the EOS is part
       of its output). None: always `max_new_tokens` tokens.
-    callback(tokens_B, done_B): called after every step with that step's new token of each
-      sequence (np.int32 [B]; PAD_ID for sequences already finished) and the done flags.
+    callback(tokens_B, done_B): called as soon as each step's tokens exist (np.int32 [B];
+      PAD_ID for sequences already finished) with the done flags [B]. It may return None
+      (continue), True (stop every sequence now) or a bool array [B] (stop those sequences,
+      e.g. on a stop string); the tokens produced so far are returned either way.
     """
-    if callback is None:
-        return generate_arrays(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                               seed, eos_token_id, attention_mask=attention_mask).to_lists()
-    out = None
-    for toks, done, out in _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                   seed, eos_token_id, attention_mask):
-        callback(toks, done)
-    return out.to_lists()
-
-
-def _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
-            attention_mask):
     run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
                attention_mask, False)
+    return _execute(run, callback).to_lists()
+
+
+def _as_halt(ret, B: int) -> np.ndarray:
+    if ret is None or ret is False:
+        return np.zeros((B,), bool)
+    if ret is True:
+        return np.ones((B,), bool)
+    arr = np.asarray(ret, bool)
+    if arr.shape != (B,):
+        raise ValueError(f"generate callback: expected None, a bool or a bool array of shape "
+                         f"({B},), got shape {arr.shape}")
+    return arr
+
+
+def _execute(run: _Run, callback=None) -> GenerationOutput:
     st = run.prefill()
-    step = 1
-    while True:
-        toks = np.asarray(st.tokens[:, step - 1])
-        done = np.asarray(st.done)
-        yield toks, done, (run.output(st) if (step >= run.max_new or done.all()) else None)
-        if step >= run.max_new or done.all():
-            return
-        st = run.decode(st, step + 1)
-        step += 1
+    B = run.ids.shape[0]
+    if callback is None:
+        if run.max_new > 1:
+            st = run.decode(st, run.max_new)
+        return run.output(st)
+    error: list[BaseException] = []
+
+    def sink(toks, done):
+        if error:
+            return np.ones((B,), bool)
+        try:
+            return _as_halt(callback(toks, done), B)
+        except BaseException as e:  # stop the loop; re-raised below
+            error.append(e)
+            return np.ones((B,), bool)
+
+    halt = sink(np.asarray(st.tokens[:, 0]), np.asarray(st.done))
+    if halt.any():
+        st = dataclasses.replace(st, done=st.done | jnp.asarray(halt))
+    if run.max_new > 1 and not bool(jnp.all(st.done)):
+        st = run.decode(st, run.max_new, sink)
+    if error:
+        raise error[0]
+    return run.output(st)
+
+
+_DONE = object()
 
 
 def stream_generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                     eos_token_id: int | Sequence[int] | None = None, *,
                     attention_mask=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield `(tokens_B, done_B)` after every step (same tokens as `generate` with the same
-    arguments). Finished sequences show PAD_ID. Stops when all are done or after
-    `max_new_tokens` steps."""
-    for toks, done, _ in _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                 seed, eos_token_id, attention_mask):
-        yield toks, done
+    """Yield `(tokens_B, done_B)` as each step's tokens are produced (the same tokens as
+    `generate` with the same arguments; PAD_ID for sequences already finished). Closing the
+    generator early stops the computation at the next step."""
+    run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+               attention_mask, False)
+    q: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def callback(toks, done):
+        q.put((toks, done))
+        return closed.is_set()
+
+    def work():
+        try:
+            _execute(run, callback)
+            q.put(_DONE)
+        except BaseException as e:
+            q.put(e)
+
+    t = threading.Thread(target=work, name="pythia-jax-generate", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        t.join()
+
+
+# `pythia_jax.generate` is both this module and (lazily) the function; once the module has been
+# imported, Python binds the package attribute to the module, so make the module callable too.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
