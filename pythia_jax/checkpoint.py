@@ -129,7 +129,8 @@ def load_model(src: str, *, dtype: str | None = None, compute_dtype: str | None 
     def target(v):
         x = v.get_value()
         if mesh is not None:
-            sh = jax.sharding.NamedSharding(mesh, shd.logical_to_spec(v.logical_axes))
+            spec = shd.logical_to_spec(v.logical_axes, shape=x.shape, mesh=mesh)
+            sh = jax.sharding.NamedSharding(mesh, spec)
         else:
             sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)

@@ -395,7 +395,7 @@ def load_hf_state_dict(cfg: ModelConfig, src: _TensorSource, *, where: str, para
             return np.stack(parts) if parts else np.zeros((0,) + shape[1:], param_dtype)
 
         if mesh is not None:
-            spec = shd.logical_to_spec(var.logical_axes)
+            spec = shd.logical_to_spec(var.logical_axes, shape=shape, mesh=mesh)
             sharding = jax.sharding.NamedSharding(mesh, spec)
             value = jax.make_array_from_callback(shape, sharding, read)
         else:
