@@ -59,7 +59,6 @@ __all__ = [
     "check_supported",
     "flash_attention",
     "pallas_attention",
-    "vmem_estimate_bytes",
     "SEQ_MULTIPLE",
     "MAX_HEAD_DIM",
 ]
@@ -199,10 +198,29 @@ class _Static:
     rotary: bool
     T: int
     S: int
+    N: int = 1
+    H: int = 0
+    #: "BNTH": arrays [B, N, T, H]; "BTNH": arrays [B, T, N*H] (the model's layout with the head
+    #: axes merged, no transposes; needs H % 128 == 0 for the (8, 128) block rule).
+    layout: str = "BNTH"
 
     @property
     def offset(self) -> int:  # queries are the last T of the S keys
         return self.S - self.T
+
+    def x_spec(self, rows, index):
+        """BlockSpec of a (rows, H) tile of a q/k/v-like array; index(*grid) -> (b, h, block)."""
+        sq = pl.squeezed
+        if self.layout == "BNTH":
+            def imap(*g):
+                b, h, blk = index(*g)
+                return b, h, blk, 0
+            return pl.BlockSpec((sq, sq, rows, self.H), imap)
+
+        def imap_flat(*g):
+            b, h, blk = index(*g)
+            return b, blk, h
+        return pl.BlockSpec((sq, rows, self.H), imap_flat)
 
 
 def _precision(dtype):
@@ -311,21 +329,19 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
 
 def _fwd_call(q, k, v, rot, st: _Static):
-    B, N, T, H = q.shape
-    S = k.shape[2]
+    B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     bl = st.blocks
     bq, bk, bkc = bl.block_q, bl.block_kv, bl.block_kv_compute
     nq, nk = T // bq, S // bk
     if st.causal:
         def kv_map(b, h, i, j):
-            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset)), 0
+            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset))
     else:
         def kv_map(b, h, i, j):
-            return b, h, j, 0
+            return b, h, j
     sq = pl.squeezed
-    in_specs = [pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0)),
-                pl.BlockSpec((sq, sq, bk, H), kv_map),
-                pl.BlockSpec((sq, sq, bk, H), kv_map)]
+    q_spec = st.x_spec(bq, lambda b, h, i, j: (b, h, i))
+    in_specs = [q_spec, st.x_spec(bk, kv_map), st.x_spec(bk, kv_map)]
     args = [q, k, v]
     scratch = [pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                pltpu.VMEM((bq, H), jnp.float32)]
@@ -337,10 +353,9 @@ def _fwd_call(q, k, v, rot, st: _Static):
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
         scratch.append(pltpu.VMEM((bq, H), q.dtype))
-    out_shape = [jax.ShapeDtypeStruct((B, N, T, H), q.dtype),
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)]
-    out_specs = [pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0)),
-                 pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))]
+    out_specs = [q_spec, pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))]
     kernel = functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
@@ -424,22 +439,21 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
 
 def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
-    B, N, T, H = q.shape
-    S = k.shape[2]
+    B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     bl = st.blocks
     bq, bk, bkc = bl.block_q_dq, bl.block_kv_dq, bl.block_kv_dq_compute
     nq, nk = T // bq, S // bk
     if st.causal:
         def kv_map(b, h, i, j):
-            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset)), 0
+            return b, h, jnp.minimum(j, _causal_kv_last(i, bq, bk, st.offset))
     else:
         def kv_map(b, h, i, j):
-            return b, h, j, 0
+            return b, h, j
     sq = pl.squeezed
-    q_spec = pl.BlockSpec((sq, sq, bq, H), lambda b, h, i, j: (b, h, i, 0))
+    q_spec = st.x_spec(bq, lambda b, h, i, j: (b, h, i))
     row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-    in_specs = [q_spec, pl.BlockSpec((sq, sq, bk, H), kv_map),
-                pl.BlockSpec((sq, sq, bk, H), kv_map), q_spec, row_spec, row_spec]
+    in_specs = [q_spec, st.x_spec(bk, kv_map), st.x_spec(bk, kv_map), q_spec, row_spec,
+                row_spec]
     args = [q, k, v, do, lse, di]
     scratch = [pltpu.VMEM((bq, H), jnp.float32)]
     if st.rotary:
@@ -531,8 +545,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
 
 
 def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
-    B, N, T, H = q.shape
-    S = k.shape[2]
+    B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     bl = st.blocks
     bq, bk, bqc = bl.block_q_dkv, bl.block_kv_dkv, bl.block_q_dkv_compute
     nq, nk = T // bq, S // bk
@@ -543,8 +556,8 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
         def q_index(j, i):
             return i
     sq = pl.squeezed
-    q_spec = pl.BlockSpec((sq, sq, bq, H), lambda b, h, j, i: (b, h, q_index(j, i), 0))
-    kv_spec = pl.BlockSpec((sq, sq, bk, H), lambda b, h, j, i: (b, h, j, 0))
+    q_spec = st.x_spec(bq, lambda b, h, j, i: (b, h, q_index(j, i)))
+    kv_spec = st.x_spec(bk, lambda b, h, j, i: (b, h, j))
     row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, j, i: (b, h, 0, q_index(j, i)))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, di]
@@ -592,7 +605,12 @@ def _flash_bwd(st: _Static, res, cts):
     q, k, v, rot, o, lse = res
     do, dlse = cts
     do = do.astype(q.dtype)
-    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
+    prod = o.astype(jnp.float32) * do.astype(jnp.float32)
+    if st.layout == "BNTH":
+        di = jnp.sum(prod, axis=-1)[:, :, None, :]
+    else:  # [B, T, N*H] -> [B, N, 1, T]
+        di = jnp.sum(prod.reshape(prod.shape[0], st.T, st.N, st.H), axis=-1)
+        di = jnp.swapaxes(di, 1, 2)[:, :, None, :]
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         di = di - dlse.astype(jnp.float32)
     dq = _dq_call(q, k, v, do, lse, di, rot, st)
@@ -617,25 +635,15 @@ def _resolve_interpret(interpret):
     return False
 
 
-def flash_attention(q_BNTH, k_BNSH, v_BNSH, *, causal: bool = True, scale: float | None = None,
-                    rotary=None, block_sizes: BlockSizes | None = None, interpret=None,
-                    return_lse: bool = False):
-    """Flash attention on head-major arrays: q [B, N, T, H], k/v [B, N, S, H] -> o [B, N, T, H].
-
-    `rotary=(cos, sin)`: [B, T, R] float32 tables; q and k are rotated in-kernel (NeoX
-    rotate-half on the first R channels). `return_lse=True` also returns the f32 logsumexp of
-    the scaled scores, [B, N, T]. Raises `UnsupportedShapeError` for shapes the kernel cannot
-    handle.
-    """
+def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_sizes,
+               interpret, return_lse):
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
-    blocks = check_supported(q_BNTH.shape, k_BNSH.shape, rotary_dim=rotary_dim, causal=causal,
+    blocks = check_supported((B, N, T, H), (B, N, S, H), rotary_dim=rotary_dim, causal=causal,
                              block_sizes=block_sizes, layout="BNTH")
-    if v_BNSH.shape != k_BNSH.shape:
-        raise UnsupportedShapeError(f"pallas attention: v {v_BNSH.shape} must have k's shape "
-                                    f"{k_BNSH.shape}")
-    B, N, T, H = q_BNTH.shape
-    S = k_BNSH.shape[2]
-    dtype = q_BNTH.dtype
+    if v.shape != k.shape:
+        raise UnsupportedShapeError(f"pallas attention: v {v.shape} must have k's shape "
+                                    f"{k.shape}")
+    dtype = q.dtype
     rot = None
     if rotary is not None:
         cos, sin = rotary
@@ -647,55 +655,61 @@ def flash_attention(q_BNTH, k_BNSH, v_BNSH, *, causal: bool = True, scale: float
                lax.stop_gradient(sin.astype(jnp.float32)))
     st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
                  blocks=blocks, interpret=_resolve_interpret(interpret),
-                 rotary=rot is not None, T=T, S=S)
-    o, lse = _flash(q_BNTH, k_BNSH.astype(dtype), v_BNSH.astype(dtype), rot, st)
-    return (o, lse[:, :, 0, :]) if return_lse else o
+                 rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout)
+    o, lse = _flash(q, k.astype(dtype), v.astype(dtype), rot, st)
+    return o, lse[:, :, 0, :]
+
+
+def flash_attention(q_BNTH, k_BNSH, v_BNSH, *, causal: bool = True, scale: float | None = None,
+                    rotary=None, block_sizes: BlockSizes | None = None, interpret=None,
+                    return_lse: bool = False):
+    """Flash attention on head-major arrays: q [B, N, T, H], k/v [B, N, S, H] -> o [B, N, T, H].
+
+    `rotary=(cos, sin)`: [B, T, R] float32 tables; q and k are rotated in-kernel (NeoX
+    rotate-half on the first R channels). `return_lse=True` also returns the f32 logsumexp of
+    the scaled scores, [B, N, T]. Raises `UnsupportedShapeError` for shapes the kernel cannot
+    handle.
+    """
+    check_supported(q_BNTH.shape, k_BNSH.shape, causal=causal, layout="BNTH")
+    B, N, T, H = q_BNTH.shape
+    o, lse = _attention(q_BNTH, k_BNSH, v_BNSH, layout="BNTH", B=B, N=N, T=T,
+                        S=k_BNSH.shape[2], H=H, causal=causal, scale=scale, rotary=rotary,
+                        block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
+    return (o, lse) if return_lse else o
 
 
 def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: float | None = None,
                      rotary=None, block_sizes: BlockSizes | None = None, interpret=None,
-                     return_lse: bool = False):
-    """`flash_attention` at the model's layout: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H]."""
+                     return_lse: bool = False, layout: str | None = None):
+    """Flash attention at the model's layout: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
+
+    `layout`: "BNTH" (default) transposes to head-major around the kernels; XLA folds those
+    transposes into the QKV / output projections. "BTNH" (head_dim % 128 == 0 only: a 64- or
+    80-lane block of the merged N*H axis would break the (8, 128) block rule) indexes a free
+    [B, T, N*H] view instead; in a deviceless v5e compile of a Pythia-1.4b-shaped layer it cost
+    more (the merged view forces relayout copies), so it is not the default.
+    """
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     check_supported(q_BTNH.shape, k_BSNH.shape, rotary_dim=rotary_dim, causal=causal,
                     block_sizes=block_sizes, layout="BTNH")
-    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-    out = flash_attention(t(q_BTNH), t(k_BSNH), t(v_BSNH), causal=causal, scale=scale,
-                          rotary=rotary, block_sizes=block_sizes, interpret=interpret,
-                          return_lse=return_lse)
-    if return_lse:
-        return t(out[0]), out[1]
-    return t(out)
-
-
-# ------------------------------------------------------------------------------------------------
-def vmem_estimate_bytes(head_dim: int, dtype, blocks: BlockSizes, *, rotary_dim: int = 0,
-                        kernel: str = "fwd") -> int:
-    """Our own upper estimate of a kernel's VMEM: double-buffered blocks + scratch + f32 tiles.
-
-    Blocks are padded to the (8, 128) tile (lanes rounded up to 128).
-    """
-    it = jnp.dtype(dtype).itemsize
-    lanes = -(-head_dim // NUM_LANES) * NUM_LANES
-    tab = NUM_LANES * 4 if rotary_dim else 0
-    if kernel == "fwd":
-        bq, bk, c = blocks.block_q, blocks.block_kv, blocks.block_kv_compute
-        io = 2 * (bq * lanes * it + 2 * bk * lanes * it + bq * lanes * it + NUM_LANES * 8 * 4
-                  + 2 * (bq + bk) * tab)
-        scratch = 2 * bq * NUM_LANES * 4 + bq * lanes * 4 + (bq * lanes * it if rotary_dim else 0)
-        temps = 3 * bq * c * 4
-    elif kernel == "dq":
-        bq, bk, c = blocks.block_q_dq, blocks.block_kv_dq, blocks.block_kv_dq_compute
-        io = 2 * (3 * bq * lanes * it + 2 * bk * lanes * it + 2 * 8 * bq * 4
-                  + 2 * (bq + bk) * tab)
-        scratch = bq * lanes * 4 + (bq * lanes * it if rotary_dim else 0)
-        temps = 4 * bq * c * 4
-    elif kernel == "dkv":
-        bq, bk, c = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.block_q_dkv_compute
-        io = 2 * (2 * bq * lanes * it + 4 * bk * lanes * it + 2 * 8 * bq * 4
-                  + 2 * (bq + bk) * tab)
-        scratch = 2 * bk * lanes * 4 + (bk * lanes * it if rotary_dim else 0)
-        temps = 4 * bk * c * 4
+    B, T, N, H = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    layout = layout or "BNTH"
+    if layout == "BTNH":
+        if H % NUM_LANES:
+            raise UnsupportedShapeError(f"pallas attention: layout='BTNH' needs head_dim % "
+                                        f"{NUM_LANES} == 0, got {H}")
+        flat = lambda x: x.reshape(x.shape[0], x.shape[1], N * H)  # noqa: E731  free reshape
+        o, lse = _attention(flat(q_BTNH), flat(k_BSNH), flat(v_BSNH), layout="BTNH", B=B, N=N,
+                            T=T, S=S, H=H, causal=causal, scale=scale, rotary=rotary,
+                            block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
+        o = o.reshape(B, T, N, H)
+    elif layout == "BNTH":
+        t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        o, lse = _attention(t(q_BTNH), t(k_BSNH), t(v_BSNH), layout="BNTH", B=B, N=N, T=T, S=S,
+                            H=H, causal=causal, scale=scale, rotary=rotary,
+                            block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
+        o = t(o)
     else:
-        raise ValueError(kernel)
-    return int(io + scratch + temps)
+        raise ValueError(f"layout: expected 'BTNH', 'BNTH' or None, got {layout!r}")
+    return (o, lse) if return_lse else o

@@ -1,0 +1,182 @@
+"""Deviceless TPU compilation of the attention impls (needs `libtpu`, no TPU).
+
+`compile_report(chip, impl, B, N, T, H, ...)` lowers and compiles `attend` (forward, or forward +
+backward) for a TPU topology with the real XLA:TPU + Mosaic compiler running on the CPU, inside
+`jax.shard_map(..., check_vma=False)` over a mesh built from the topology's devices (the path
+`attend` takes under `pythia_jax.sharding.logical_rules`). It returns what the compiler tells:
+
+* `vmem_bytes`: per Mosaic kernel, the scoped VMEM the compiler allocated for it
+  (`used_scoped_memory_configs` of each `tpu_custom_call`, memory space 1 = VMEM);
+* `temp_bytes`: HBM scratch of the whole program (`memory_analysis()`);
+* `xla_seconds`: the compiler's own cost-model time for the program (`cost_analysis()` key
+  `optimal_seconds`). The TPU compiler gives no estimate for Mosaic custom calls, so for
+  programs containing kernels this is `None` and `xla_glue_cycles` (the summed
+  `estimated_cycles` of the XLA ops around the kernels: transposes, scaling, di) is reported;
+* `flops` / `bytes_accessed`: from `cost_analysis()` (for our kernels these are our
+  `pl.CostEstimate`s; splash reports none).
+
+Used by tests/test_attention_tpu_compile.py (the compile gate) and bench/attention.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = ["TOPOLOGIES", "CHIP_PEAK", "PYTHIA_SHAPES", "CompileReport", "compile_report",
+           "libtpu_error", "VMEM_BUDGET_BYTES"]
+
+#: chip -> deviceless topology name of one chip.
+TOPOLOGIES = {"v4": "v4:1x1x1", "v5e": "v5e:1x1", "v5p": "v5p:1x1x1", "v6e": "v6e:1x1"}
+#: chip -> (bf16 dense TFLOP/s, HBM GB/s) per chip (Cloud TPU docs), for roofline estimates.
+CHIP_PEAK = {"v4": (275.0, 1200.0), "v5e": (197.0, 819.0), "v5p": (459.0, 2765.0),
+             "v6e": (918.0, 1640.0)}
+#: The smallest default scoped-VMEM limit of these chips (v4: 16 MiB); every kernel must fit.
+VMEM_BUDGET_BYTES = 16 * 1024 * 1024
+#: head_dim -> (Pythia model, heads) at batch 8, length 2048.
+PYTHIA_SHAPES = {64: ("pythia-410m", 16), 80: ("pythia-2.8b", 32), 128: ("pythia-1.4b", 16),
+                 256: ("pythia-1b", 8)}
+
+
+def libtpu_error() -> str | None:
+    """None if libtpu can be imported, else a message saying how to get it."""
+    try:
+        import libtpu  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return (f"libtpu cannot be imported ({type(e).__name__}: {e}); the TPU compile gate "
+                f"needs it: pip install 'pythia-jax[tpu]' (libtpu==0.0.52)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _topology(name: str):
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(name, platform="tpu")
+
+
+@dataclasses.dataclass
+class CompileReport:
+    chip: str
+    impl: str
+    backward: bool
+    shape: tuple
+    rotary: bool
+    ok: bool
+    error: str | None = None
+    vmem_bytes: dict = dataclasses.field(default_factory=dict)  # kernel name -> bytes
+    temp_bytes: int | None = None
+    flops: float | None = None
+    bytes_accessed: float | None = None
+    xla_seconds: float | None = None
+    xla_glue_cycles: int | None = None
+    compile_s: float | None = None
+    hlo: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def max_vmem(self) -> int:
+        return max(self.vmem_bytes.values(), default=0)
+
+    def roofline_seconds(self) -> float | None:
+        """max(flops / peak, bytes / HBM bandwidth): a derived floor, not the compiler's."""
+        if not self.flops or self.flops <= 0:
+            return None
+        tf, bw = CHIP_PEAK[self.chip]
+        return max(self.flops / (tf * 1e12), (self.bytes_accessed or 0) / (bw * 1e9))
+
+
+_INSTR_START = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+
+
+def _instructions(hlo: str):
+    """(name, text) of each HLO instruction; an instruction's attributes may span lines."""
+    name, buf = None, []
+    for line in hlo.splitlines():
+        m = _INSTR_START.match(line)
+        if m:
+            if name is not None:
+                yield name, "\n".join(buf)
+            name, buf = m.group(1), [line]
+        elif name is not None:
+            buf.append(line)
+    if name is not None:
+        yield name, "\n".join(buf)
+
+
+def _kernel_vmem(hlo: str) -> dict:
+    """Mosaic kernel -> scoped VMEM bytes the compiler allocated for it."""
+    out = {}
+    for name, text in _instructions(hlo):
+        if 'custom_call_target="tpu_custom_call"' not in text:
+            continue
+        used = re.search(r'"used_scoped_memory_configs":\[(.*?)\]', text)
+        size = 0
+        if used:
+            for m in re.finditer(r'"memory_space":"1","offset":"\d+","size":"(\d+)"',
+                                 used.group(1)):
+                size += int(m.group(1))
+        out[name] = size
+    return out
+
+
+def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
+                   dtype=jnp.bfloat16, rotary: bool = False, backward: bool = True,
+                   mesh_shape: tuple[int, int, int] = (1, 1, 1), block_sizes=None,
+                   keep_hlo: bool = False) -> CompileReport:
+    """Compile `attend(impl=...)` (forward, or forward + vjp) for one TPU chip, deviceless."""
+    from pythia_jax.attention import attend
+    from pythia_jax.sharding import MESH_AXES, logical_rules
+
+    topo = _topology(TOPOLOGIES[chip] if ":" not in chip else chip)
+    chip_key = chip.split(":")[0]
+    n = int(np.prod(mesh_shape))
+    mesh = Mesh(np.array(topo.devices[:n]).reshape(mesh_shape), MESH_AXES)
+    rep = CompileReport(chip_key, impl, backward, (B, T, N, H), rotary, ok=False)
+    R = H // 4
+    kwargs = {"interpret": False} if impl in ("pallas", "splash") else {}
+    if impl == "pallas" and block_sizes is not None:
+        kwargs["block_sizes"] = block_sizes
+
+    def fwd(q, k, v, cos, sin):
+        with logical_rules(mesh):
+            return attend(q, k, v, impl=impl, causal=True,
+                          rotary=(cos, sin) if rotary else None, **kwargs)
+
+    def fwd_bwd(q, k, v, cos, sin):
+        o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, cos, sin), q, k, v)
+        return (o,) + tuple(vjp(o))
+
+    x_sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    t_sh = NamedSharding(mesh, P(("data", "fsdp"), None, None))
+    x = jax.ShapeDtypeStruct((B, T, N, H), dtype, sharding=x_sh)
+    tab = jax.ShapeDtypeStruct((B, T, R), jnp.float32, sharding=t_sh)
+    t0 = time.perf_counter()
+    try:
+        compiled = jax.jit(fwd_bwd if backward else fwd).lower(x, x, x, tab, tab).compile()
+    except Exception as e:  # noqa: BLE001  - reported, the caller decides
+        rep.error = f"{type(e).__name__}: {e}"
+        rep.compile_s = time.perf_counter() - t0
+        return rep
+    rep.compile_s = time.perf_counter() - t0
+    rep.ok = True
+    hlo = compiled.as_text()
+    rep.vmem_bytes = _kernel_vmem(hlo)
+    mem = compiled.memory_analysis()
+    rep.temp_bytes = int(mem.temp_size_in_bytes) if mem is not None else None
+    ca = compiled.cost_analysis() or {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    rep.flops = ca.get("flops")
+    rep.bytes_accessed = ca.get("bytes accessed")
+    secs = ca.get("optimal_seconds")
+    rep.xla_seconds = secs if (secs is not None and secs > 0 and not rep.vmem_bytes) else None
+    rep.xla_glue_cycles = sum(int(c) for c in re.findall(r'"estimated_cycles":"(\d+)"', hlo))
+    if keep_hlo:
+        rep.hlo = hlo
+    return rep

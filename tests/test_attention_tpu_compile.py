@@ -1,0 +1,66 @@
+"""TPU compile gate: our kernel's forward and backward compile for TPU v4, v5e, v5p and v6e with
+libtpu, deviceless (no TPU), at Pythia shapes (batch 8 x heads x 2048 x head_dim, bf16), inside
+`jax.shard_map(..., check_vma=False)` over a mesh of the topology's devices, within VMEM.
+
+This gate FAILS (never skips) when libtpu is missing: install `pythia-jax[tpu]`.
+"""
+
+import pytest
+
+from pythia_jax.attention.tpu_compile import (PYTHIA_SHAPES, TOPOLOGIES, VMEM_BUDGET_BYTES,
+                                              compile_report, libtpu_error)
+
+B, T = 8, 2048
+KERNELS = ("pythia_flash_fwd", "pythia_flash_dq", "pythia_flash_dkv")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_libtpu():
+    err = libtpu_error()
+    if err:
+        pytest.fail(err)
+
+
+def _check(chip, H, rotary, mesh_shape=(1, 1, 1), batch=B, heads=None):
+    heads = heads or PYTHIA_SHAPES[H][1]
+    rep = compile_report(chip, "pallas", batch, heads, T, H, rotary=rotary, backward=True,
+                         mesh_shape=mesh_shape)
+    assert rep.ok, f"{chip} H={H} rotary={rotary}: compile failed: {rep.error}"
+    names = sorted(rep.vmem_bytes)
+    # Forward + both backward kernels are in the program, each a Mosaic custom call.
+    for kname in KERNELS:
+        assert any(n.startswith(kname) for n in names), (kname, names)
+    for name, used in rep.vmem_bytes.items():
+        assert 0 < used <= VMEM_BUDGET_BYTES, (chip, H, rotary, name, used)
+    return rep
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "fused_rotary"])
+@pytest.mark.parametrize("H", sorted(PYTHIA_SHAPES))
+def test_v5e_forward_and_backward_compile(H, rotary):
+    _check("v5e", H, rotary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chip", ["v4", "v5p", "v6e"])
+def test_other_chips_forward_and_backward_compile(chip):
+    for H in sorted(PYTHIA_SHAPES):
+        for rotary in (False, True):
+            _check(chip, H, rotary)
+
+
+def test_sharded_compile_on_a_2x2_v5e_slice():
+    """Batch over data, heads over tensor: each device's kernel sees its local shard."""
+    rep = compile_report("v5e:2x2", "pallas", 8, 16, T, 64, rotary=True, backward=True,
+                         mesh_shape=(2, 1, 2), keep_hlo=True)
+    assert rep.ok, rep.error
+    assert "bf16[4,8,2048,64]" in rep.hlo  # local [B/2, N/2, T, H] operands of the kernels
+    assert set(TOPOLOGIES) == {"v4", "v5e", "v5p", "v6e"}
+
+
+def test_oversized_blocks_are_caught_by_the_compiler():
+    """The gate can fail: 4096-row blocks at head_dim 256 overflow v5e's 16 MiB scoped VMEM."""
+    from pythia_jax.attention.pallas_tpu import BlockSizes
+    rep = compile_report("v5e", "pallas", 1, 1, 4096, 256, backward=False,
+                         block_sizes=BlockSizes.uniform(4096))
+    assert not rep.ok and "ScopedVmemOom" in rep.error, rep.error
