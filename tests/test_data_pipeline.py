@@ -12,7 +12,7 @@ import pytest
 from pythia_jax.data.indexed import IndexedDatasetError, IndexedDatasetIndexError, \
     write_indexed_dataset
 from pythia_jax.data.order import PythiaOrder
-from pythia_jax.data.pipeline import BatchIterator, make_global_batch
+from pythia_jax.data.pipeline import BatchIterator, HostBatchIterator, make_global_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L = 8, 6
@@ -63,6 +63,32 @@ def test_batch_iterator_order_and_resume(data, mesh):
     assert it.state() == {"step": 5}
     with pytest.raises(IndexError, match="start_step <= end_step <= 6"):
         BatchIterator(order, 7, mesh)
+
+
+def test_batch_iterator_with_grain_read_threads(data, mesh):
+    order, items = data
+    with BatchIterator(order, 2, mesh, end_step=6, num_threads=2, prefetch=3) as it:
+        got = {s: np.asarray(b["targets"]) for s, b in it}
+    assert sorted(got) == [2, 3, 4, 5]
+    for s, x in got.items():
+        np.testing.assert_array_equal(x, items[s * B:(s + 1) * B, 1:])
+
+
+def test_host_iterator_never_overwrites_arrays_still_held(data):
+    order, items = data
+    with HostBatchIterator(order, 0, prefetch=2) as it:
+        held = list(it)  # every array stays referenced: none may be reused
+    assert [s for s, _ in held] == list(range(6))
+    for s, x in held:
+        assert x.flags.owndata and x.flags.writeable  # a copy, not a view of the map
+        np.testing.assert_array_equal(x, items[s * B:(s + 1) * B])
+    views = []
+    with HostBatchIterator(order, 1, blocks=[(2, 6)]) as it:
+        for s, x in it:
+            np.testing.assert_array_equal(x, items[s * B + 2:s * B + 6])
+            views.append((s, x[:, :3]))  # a view keeps its base array alive and unreused
+    for s, v in views:
+        np.testing.assert_array_equal(v, items[s * B + 2:s * B + 6, :3])
 
 
 def test_batch_iterator_surfaces_bad_items(tmp_path, mesh):

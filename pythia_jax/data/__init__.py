@@ -25,8 +25,8 @@ from pythia_jax.data.order import PYTHIA_BATCH_SIZE, PYTHIA_SEQ_LEN, PythiaOrder
 from pythia_jax.data.preprocess import PreprocessError, tokenize_to_indexed
 from pythia_jax.data.shards import ShardError, shard, unshard
 
-_LAZY = {"make_global_batch", "BatchIterator", "batch_sharding", "local_row_blocks",
-         "StepSource"}
+_LAZY = {"make_global_batch", "BatchIterator", "HostBatchIterator", "batch_sharding",
+         "local_row_blocks", "StepSource"}
 
 __all__ = [
     "DTYPES", "IndexedDatasetError", "IndexedDatasetIndexError", "MMapIndexedDataset",

@@ -7,9 +7,9 @@
   sharding) and the global array is assembled with `jax.make_array_from_process_local_data`.
   Tokens travel to the devices in their stored dtype (uint16 for Pythia: half the bytes of
   int32); the split into int32 `inputs = x[:, :-1]` and `targets = x[:, 1:]` runs on device.
-- `BatchIterator` wraps a grain random-access source (record k = this process's rows of step k)
-  with grain's threaded prefetch and one more background thread that builds the device arrays
-  ahead of the consumer.
+- `BatchIterator` reads through grain (a `MapDataset` over the random-access `StepSource`,
+  record k = this process's rows of step k) in a background thread that also builds the device
+  arrays, keeping `prefetch` steps ready ahead of the consumer.
 - The position in the stream is the step number only: a run resumed at step k, on any number of
   hosts, sees exactly the global batches k, k+1, ...
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import sys
 import threading
 from typing import Iterator, Sequence
 
@@ -37,6 +38,7 @@ __all__ = [
     "make_global_batch",
     "StepSource",
     "BatchIterator",
+    "HostBatchIterator",
     "process_rows",
 ]
 
@@ -89,9 +91,11 @@ def local_row_blocks(sharding: NamedSharding, batch_size: int,
 
 
 def read_local_rows(order: PythiaOrder, step: int, blocks: Sequence[tuple[int, int]]) -> np.ndarray:
-    """This process's rows of `step` (a fresh contiguous array, read from the memory map)."""
+    """This process's rows of `step`, checked. One block of a memory-mapped file comes back as a
+    read-only view of the map (the device transfer is then the only copy); several blocks are
+    concatenated into a fresh array."""
     parts = [order.rows(step, a, b) for a, b in blocks]
-    out = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+    out = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if out.dtype.itemsize > 4 or out.dtype.kind == "f":
         if out.dtype.kind == "f":
             raise IndexedDatasetError(f"{order.name}: token files must hold integers, found "
@@ -131,7 +135,11 @@ def make_global_batch(order: PythiaOrder, step: int, mesh: Mesh,
 
 
 class StepSource:
-    """grain random-access source: record k = this process's rows of step k (numpy)."""
+    """grain random-access source: record k = this process's rows of step k (numpy).
+
+    A record is checked (lengths, range) and, for one block of a memory-mapped file, is a view
+    of the map: the one copy (and any disk read) happens where it is consumed, in the prefetch
+    thread (device transfer, or `HostBatchIterator`'s materialization)."""
 
     def __init__(self, order: PythiaOrder, blocks: Sequence[tuple[int, int]]):
         self.order = order
@@ -155,64 +163,47 @@ class _Failure:
         self.exc = exc
 
 
-class BatchIterator:
-    """Yields `(step, {"inputs", "targets"})` for steps start_step, start_step+1, ... < end_step.
+class _Prefetcher:
+    """Runs `produce(record)` for each record of `records` (an iterator) in one background
+    thread, keeping up to `depth` results ready; yields `(step, result)` in order, from
+    `start_step`. Exceptions surface in the consumer at the step that raised them.
 
-    grain reads records ahead with `num_threads` threads (`prefetch` records buffered); a
-    background thread turns them into global device arrays, keeping up to `prefetch` ready.
-    Resuming is `BatchIterator(order, start_step=k, mesh)`: the stream is a function of the step.
+    The bounded hand-off is two C-level `SimpleQueue`s (results, and free-slot tokens): cheaper
+    than `queue.Queue`'s Python conditions, which cost ~0.1 ms of CPU per step on a busy host.
     """
 
-    def __init__(self, order: PythiaOrder, start_step: int, mesh: Mesh, *,
-                 end_step: int | None = None, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES,
-                 prefetch: int = 2, num_threads: int = 2):
-        import grain
-
-        if not isinstance(order, PythiaOrder):
-            order = PythiaOrder(order)
-        end = order.num_steps if end_step is None else int(end_step)
-        if not 0 <= start_step <= end <= order.num_steps:
-            raise IndexError(f"{order.name}: expected 0 <= start_step <= end_step <= "
-                             f"{order.num_steps}, found start_step={start_step}, "
-                             f"end_step={end_step}")
-        self.order = order
-        self.start_step, self.end_step = int(start_step), end
+    def __init__(self, records: Iterator, produce, start_step: int, end_step: int, depth: int,
+                 name: str):
+        self.start_step, self.end_step = int(start_step), int(end_step)
         self._next_step = self.start_step
-        self.sharding = batch_sharding(mesh, batch_axes)
-        self.blocks = local_row_blocks(self.sharding, order.batch_size)
-        self.source = StepSource(order, self.blocks)
-        ds = grain.MapDataset.source(self.source)[self.start_step:self.end_step]
-        read = grain.ReadOptions(num_threads=max(1, num_threads),
-                                 prefetch_buffer_size=max(1, prefetch))
-        self._records = iter(ds.to_iter_dataset(read))
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._records = records
+        self._produce_fn = produce
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, depth)):
+            self._free.put(None)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="pythia-batch-prefetch",
-                                        daemon=True)
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
+    def _run(self) -> None:
+        final = _END
         try:
             step = self.start_step
-            for local in self._records:
+            for record in self._records:
                 if self._stop.is_set():
                     return
-                batch = _assemble(local, self.sharding, self.order.batch_size)
-                if not self._put((step, batch)):
+                result = self._produce_fn(record)
+                self._free.get()  # wait for a free slot (close() hands one over)
+                if self._stop.is_set():
                     return
+                self._queue.put((step, result))
                 step += 1
-            self._put(_END)
         except BaseException as e:  # handed to the consumer
-            self._put(_Failure(e))
+            final = _Failure(e)
+        finally:
+            self._queue.put(final)  # the sentinel needs no slot: the consumer never waits forever
 
     @property
     def next_step(self) -> int:
@@ -222,30 +213,28 @@ class BatchIterator:
     def state(self) -> dict:
         return {"step": self._next_step}
 
-    def __iter__(self) -> Iterator[tuple[int, dict]]:
+    def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[int, dict]:
-        if self._next_step >= self.end_step:
+    def __next__(self):
+        if self._done or self._next_step >= self.end_step:
             raise StopIteration
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("batch prefetch thread ended unexpectedly") from None
+        item = self._queue.get()
         if item is _END:
+            self._done = True
             raise StopIteration
         if isinstance(item, _Failure):
+            self._done = True  # next_step stays at the step that failed
             self.close()
             raise item.exc
-        step, batch = item
+        self._free.put(None)
+        step, result = item
         self._next_step = step + 1
-        return step, batch
+        return step, result
 
     def close(self) -> None:
         self._stop.set()
+        self._free.put(None)  # wake the producer if it waits for a slot
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
 
@@ -260,3 +249,97 @@ class BatchIterator:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+            self._free.put(None)
+
+
+def _step_records(order: PythiaOrder, blocks, start_step: int, end_step: int,
+                  num_threads: int) -> tuple[StepSource, Iterator]:
+    """grain over `StepSource`: records of steps start..end-1, in order. One reader: the
+    prefetch thread indexes the MapDataset itself; more: grain's threaded read-ahead."""
+    import grain
+
+    source = StepSource(order, blocks)
+    ds = grain.MapDataset.source(source)
+    if num_threads <= 1:  # records are indexed by step: no slice layer (grain's per-element cost)
+        return source, (ds[step] for step in range(start_step, end_step))
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return source, iter(ds[start_step:end_step].to_iter_dataset(read))
+
+
+def _check_range(order: PythiaOrder, start_step: int, end_step: int | None) -> int:
+    end = order.num_steps if end_step is None else int(end_step)
+    if not 0 <= start_step <= end <= order.num_steps:
+        raise IndexError(f"{order.name}: expected 0 <= start_step <= end_step <= "
+                         f"{order.num_steps}, found start_step={start_step}, "
+                         f"end_step={end_step}")
+    return end
+
+
+class _BufferPool:
+    """Reuses output arrays the consumer has dropped (CPython refcount), so the reader thread
+    does not allocate (and page-fault) 4 MB per step: allocating in one thread and freeing in
+    another made glibc hand the memory back and forth, ~0.1-0.2 ms of CPU per step. At most
+    `limit` arrays are kept; beyond that (a consumer holding many batches) arrays are fresh."""
+
+    def __init__(self, limit: int):
+        self._arrays: list[np.ndarray] = []
+        self._limit = limit
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        for buf in self._arrays:
+            # references: the list, `buf`, getrefcount's argument -> nobody else holds it
+            if sys.getrefcount(buf) == 3 and buf.shape == x.shape and buf.dtype == x.dtype:
+                np.copyto(buf, x)
+                return buf
+        out = np.array(x)
+        if len(self._arrays) < self._limit:
+            self._arrays.append(out)
+        return out
+
+
+class HostBatchIterator(_Prefetcher):
+    """Host side only: yields `(step, rows)`, this process's rows of each step as a numpy array
+    of its own (`blocks` as from `local_row_blocks`; default: the whole batch), read into
+    memory ahead of the consumer by a background thread. An array is reused for a later step
+    only once the consumer holds no reference to it (nor to a view of it).
+    """
+
+    def __init__(self, order: PythiaOrder, start_step: int, *, end_step: int | None = None,
+                 blocks: Sequence[tuple[int, int]] | None = None, prefetch: int = 2,
+                 num_threads: int = 1):
+        if not isinstance(order, PythiaOrder):
+            order = PythiaOrder(order)
+        end = _check_range(order, start_step, end_step)
+        self.order = order
+        self.blocks = [(0, order.batch_size)] if blocks is None else [tuple(b) for b in blocks]
+        self.source, records = _step_records(order, self.blocks, start_step, end, num_threads)
+        pool = _BufferPool(limit=max(1, prefetch) + 4)
+        super().__init__(records, pool.copy, start_step, end, prefetch, "pythia-host-prefetch")
+
+
+class BatchIterator(_Prefetcher):
+    """Yields `(step, {"inputs", "targets"})` for steps start_step, start_step+1, ... < end_step.
+
+    A background thread reads each step's local rows through grain (a `MapDataset` over
+    `StepSource`, checked views of the map) and copies them straight into global device arrays
+    (the only copy, so disk reads happen in that thread too), keeping up to
+    `prefetch` steps ready. `num_threads > 1` adds grain's threaded read-ahead in front (for
+    slow storage); with the file in the page cache one reader is fastest
+    (`bench/data_pipeline.py`). Resuming is `BatchIterator(order, start_step=k, mesh)`: the
+    stream is a function of the step only. Use it as a context manager (or call `close()`) so
+    the thread stops when a loop ends early.
+    """
+
+    def __init__(self, order: PythiaOrder, start_step: int, mesh: Mesh, *,
+                 end_step: int | None = None, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES,
+                 prefetch: int = 2, num_threads: int = 1):
+        if not isinstance(order, PythiaOrder):
+            order = PythiaOrder(order)
+        end = _check_range(order, start_step, end_step)
+        self.order = order
+        self.sharding = batch_sharding(mesh, batch_axes)
+        self.blocks = local_row_blocks(self.sharding, order.batch_size)
+        self.source, records = _step_records(order, self.blocks, start_step, end, num_threads)
+        sharding, rows = self.sharding, order.batch_size
+        super().__init__(records, lambda local: _assemble(local, sharding, rows), start_step,
+                         end, prefetch, "pythia-batch-prefetch")
