@@ -171,14 +171,14 @@ def test_setup_copies_committed_tree_and_installs_on_all_workers(stub):
     assert "uv venv" in cmd and "--python 3.11" in cmd and "-e '.[tpu]'" in cmd
 
 
-def test_launch_runs_train_py_on_every_worker_with_distributed_env(stub, tmp_path):
+def test_launch_runs_train_py_on_every_worker_distributed(stub, tmp_path):
     # Executed for real: each fake worker has a `.venv/bin/python` that records how it was run.
     for i in range(2):
         venv = stub.dir / f"worker{i}" / "pythia-jax" / ".venv" / "bin"
         venv.mkdir(parents=True)
         py = venv / "python"
         py.write_text("#!/usr/bin/env bash\n"
-                      "{ printf '%s\\n' \"$@\"; echo \"DIST=$PYTHIA_JAX_DISTRIBUTED\"; } > args.txt\n"
+                      "{ printf '%s\\n' \"$@\"; echo \"UNBUFFERED=$PYTHONUNBUFFERED\"; } > args.txt\n"
                       "exit 3\n")
         py.chmod(0o755)
     args = ["--config=configs/pythia.py:70m", "--workdir=gs://bucket/run one",
@@ -194,7 +194,7 @@ def test_launch_runs_train_py_on_every_worker_with_distributed_env(stub, tmp_pat
             time.sleep(0.1)
         assert (logs / "train.exit").read_text().strip() == "3"  # train.py's exit status
         recorded = (stub.dir / f"worker{i}" / "pythia-jax" / "args.txt").read_text().splitlines()
-        assert recorded == ["scripts/train.py", *args, "DIST=1"]
+        assert recorded == ["scripts/train.py", "--distributed", *args, "UNBUFFERED=1"]
 
     r = stub.run("launch.sh")
     assert r.returncode != 0 and "pass train.py's flags" in r.stderr

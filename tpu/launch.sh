@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start scripts/train.py on every worker (in the background; this returns at once).
-# All arguments go to train.py. Every worker runs the same command; jax.distributed wires them
-# up (PYTHIA_JAX_DISTRIBUTED=1). A run that is already going is stopped first.
+# All arguments go to train.py, after --distributed: every worker runs the same command and
+# jax.distributed.initialize() finds the others (Cloud TPU metadata). A run that is already
+# going on a worker is stopped first.
 #
 #   tpu/launch.sh --config=configs/pythia.py:1b --workdir=gs://my-bucket/pythia-1b
 #
@@ -13,8 +14,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require TPU_NAME ZONE
 [[ $# -gt 0 ]] || die "launch.sh: pass train.py's flags, e.g. --config=configs/pythia.py:70m --workdir=gs://bucket/run"
 
-train_args="$(quote_args "$@")"
-env_args="PYTHIA_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=0 JAX_COMPILATION_CACHE_DIR=\$HOME/.cache/jax-compile ${EXTRA_ENV:-}"
+train_args="$(quote_args --distributed "$@")"
+env_args="PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=0 JAX_COMPILATION_CACHE_DIR=\$HOME/.cache/jax-compile ${EXTRA_ENV:-}"
 
 remote="$(cat <<REMOTE
 set -euo pipefail
