@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from pythia_jax.data.indexed import IndexedDatasetIndexError, write_indexed_dataset
+from pythia_jax.data.indexed import IndexedDatasetError, IndexedDatasetIndexError, \
+    write_indexed_dataset
 from pythia_jax.data.neox_index import (NeoXShuffledDataset, build_sample_idx,
                                         build_sample_index, index_cache_paths, num_epochs_for,
                                         pythia_num_samples)
@@ -123,3 +124,11 @@ def test_shuffled_dataset_samples_and_cache(tmp_path):
     np.testing.assert_array_equal(order.batch(1), np.stack([again[2], again[3]]))
     with pytest.raises(Exception, match="seq_len 4, expected 8"):
         PythiaOrder(again, batch_size=2, seq_len=8)
+    # a cache that does not fit the data (here: the file grew to 14 tokens, 1 epoch) is refused
+    write_indexed_dataset(tmp_path / "raw", docs + [np.arange(4, dtype=np.uint16)],
+                          vocab_size=50277)
+    with pytest.raises(IndexedDatasetError,
+                       match=r"raw_train_indexmap_3ns_4sl_1234s_doc_idx\.npy: stale or foreign "
+                             r"cached index: expected shape \(4,\) .*14 tokens, 1 epochs.* "
+                             r"found \(6,\)"):
+        NeoXShuffledDataset(tmp_path / "raw", num_samples=3, seq_len=4, seed=1234)

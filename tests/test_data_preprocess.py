@@ -44,7 +44,8 @@ def test_jsonl_one_item_per_document_with_eod(tmp_path, tok):
 
 def test_several_inputs_zst_gz_txt_and_keys(tmp_path, tok):
     a = _jsonl(tmp_path / "a.jsonl", DOCS[:2])
-    raw = "".join(json.dumps({"text": t, "title": t.upper()}) + "\n" for t in ["zst one", "zst two"])
+    raw = "".join(json.dumps({"text": t, "title": t.upper()}) + "\n"
+                  for t in ["zst one", "zst two"])
     (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": "gz doc", "title": "T"}) + "\n")

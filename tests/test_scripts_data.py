@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import zstandard
 
 from pythia_jax.data.indexed import MMapIndexedDataset, write_indexed_dataset

@@ -449,7 +449,8 @@ class MMapIndexedDatasetBuilder:
         if arr.size > np.iinfo(np.int32).max:
             raise IndexedDatasetError(f"{self.prefix}: item of {arr.size} tokens does not fit "
                                       "the int32 sizes field")
-        self._data_file.write(np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<")).tobytes())
+        little = np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<"))
+        self._data_file.write(little.tobytes())
         self._sizes.append(int(arr.size))
 
     def end_document(self) -> None:

@@ -123,7 +123,8 @@ def pythia_num_samples(train_iters: int = 143000, global_batch: int = 1024) -> i
 
 def index_cache_paths(prefix: str, num_samples: int, seq_len: int, seed: int,
                       name: str = "train", cache_dir: str | None = None) -> dict[str, str]:
-    """NeoX's cache names: `{prefix}_{name}_indexmap_{ns}ns_{sl}sl_{seed}s_{doc,sample,shuffle}_idx.npy`."""
+    """NeoX's cache names:
+    `{prefix}_{name}_indexmap_{ns}ns_{sl}sl_{seed}s_{doc,sample,shuffle}_idx.npy`."""
     base = prefix if cache_dir is None else os.path.join(cache_dir, os.path.basename(prefix))
     stem = f"{base}_{name}_indexmap_{num_samples}ns_{seq_len}sl_{seed}s"
     return {k: f"{stem}_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
@@ -152,11 +153,18 @@ def load_or_build_sample_index(dataset: MMapIndexedDataset, num_samples: int,
         arrays = tuple(np.load(paths[k], mmap_mode="r", allow_pickle=False)
                        for k in ("doc", "sample", "shuffle"))
         doc_idx, sample_idx, shuffle_idx = arrays
-        if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or \
-                len(shuffle_idx) != sample_idx.shape[0] - 1:
-            raise IndexedDatasetError(
-                f"{paths['sample']}: inconsistent cached index: sample_idx {sample_idx.shape}, "
-                f"shuffle_idx {shuffle_idx.shape} (expected [S+1, 2] and [S]); delete the cache")
+        # the shapes the current .bin/.idx imply: a cache of another (older) file fails here
+        tokens = int(dataset.sizes.sum(dtype=np.int64))
+        epochs = num_epochs_for(tokens, seq_len, num_samples)
+        n_samples = (epochs * tokens - 1) // seq_len
+        want = {"doc": (epochs * len(dataset),), "sample": (n_samples + 1, 2),
+                "shuffle": (n_samples,)}
+        for k, arr in zip(("doc", "sample", "shuffle"), arrays):
+            if arr.shape != want[k]:
+                raise IndexedDatasetError(
+                    f"{paths[k]}: stale or foreign cached index: expected shape {want[k]} for "
+                    f"{dataset.prefix} ({len(dataset)} items, {tokens} tokens, {epochs} "
+                    f"epochs), found {arr.shape}; delete the cached .npy files")
         return doc_idx, sample_idx, shuffle_idx
     doc_idx, sample_idx, shuffle_idx = build_sample_index(dataset.sizes, num_samples, seq_len,
                                                           seed)

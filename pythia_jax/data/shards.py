@@ -14,7 +14,6 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import Sequence
 
 __all__ = ["ShardError", "parse_shard_name", "shard_paths", "read_hash_list", "unshard", "shard",
            "sha256_file"]
