@@ -56,6 +56,7 @@ def _err(msg: str) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    FLAGS.unparse_flags()  # back to defaults (main() may be called more than once)
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
