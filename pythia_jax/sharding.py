@@ -30,8 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "BATCH_AXES", "mesh_shape", "make_mesh",
            "logical_to_spec", "named_sharding", "logical_rules", "active_mesh", "constrain",
-           "tree_shardings", "sharded_model", "sharded_init", "batch_sharding",
-           "process_batch_rows", "global_batch", "sharding_report"]
+           "tree_shardings", "sharded_model", "sharded_init", "sharding_report"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -55,7 +54,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
 )
 
-#: the mesh axes the batch dimension of every input / activation is split over
+#: the mesh axes the batch dimension of every input / activation is split over (each process
+#: feeds its own rows: `pythia_jax.data.pipeline`)
 BATCH_AXES = ("data", "fsdp")
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
@@ -274,42 +274,3 @@ def sharding_report(tree: Any, mesh: Mesh, rules=None) -> list[str]:
             note = f"  (rule {want} not divisible; using {spec})"
         lines.append(f"{name}: {shape} {tuple(axes)} -> {spec}{note}")
     return lines
-
-
-# ------------------------------------------------------------------------------------------------
-# Batches: which rows each process feeds, and the global array built from them
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """[batch, …] inputs split over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def process_batch_rows(mesh: Mesh, global_batch_size: int,
-                       process_index: int | None = None) -> slice:
-    """The contiguous rows [start, stop) of a global batch that this process's devices hold.
-
-    The data pipeline reads exactly these rows of each step's batch (a process never reads
-    another process's rows). Raises if the mesh gives a process a non-contiguous set of rows.
-    """
-    sharding = batch_sharding(mesh, 1)
-    pid = jax.process_index() if process_index is None else process_index
-    rows = set()
-    for dev, idx in sharding.devices_indices_map((global_batch_size,)).items():
-        if dev.process_index == pid:
-            start, stop, _ = idx[0].indices(global_batch_size)
-            rows.update(range(start, stop))
-    if not rows:
-        raise ValueError(f"process {pid} holds no devices of the mesh")
-    lo, hi = min(rows), max(rows) + 1
-    if len(rows) != hi - lo:
-        raise ValueError(f"mesh {dict(mesh.shape)} gives process {pid} non-contiguous batch rows; "
-                         "order the mesh devices by process")
-    return slice(lo, hi)
-
-
-def global_batch(local: Any, mesh: Mesh, global_batch_size: int) -> Any:
-    """Assemble each process's rows (numpy, [local_rows, …]) into global jax.Arrays."""
-    def one(x):
-        x = np.asarray(x)
-        shape = (global_batch_size,) + x.shape[1:]
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
-    return jax.tree.map(one, local)
