@@ -87,6 +87,8 @@ class TrainSetup:
     abstract_state: TrainState          # ShapeDtypeStructs carrying the shardings
     batch_sharding: NamedSharding
     grad_accum: int
+    init_fn: Callable | None = None     # jitted, creates the state directly sharded
+    _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def model_config_from(config) -> ModelConfig:
@@ -141,31 +143,17 @@ def validate_config(config) -> ModelConfig:
 # ------------------------------------------------------------------------------------------------
 # Mesh and sharding
 def make_mesh(config, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices from `config.mesh.shape` (-1 = the rest)."""
-    devices = list(devices if devices is not None else jax.devices())
-    shape = dict(config.mesh.shape)
-    if tuple(sorted(shape)) != tuple(sorted(MESH_AXES)):
+    """A (data, fsdp, tensor) mesh over all devices from `config.mesh.shape` (-1 = the rest);
+    TPU devices laid out along the torus (`sharding.make_mesh`), axis types Auto."""
+    shape = config.mesh.shape
+    shape = shape.to_dict() if hasattr(shape, "to_dict") else dict(shape)
+    if set(shape) - set(MESH_AXES):
         raise TrainConfigError(f"config.mesh.shape: expected the axes {MESH_AXES}, got "
                                f"{sorted(shape)}")
-    sizes = [int(shape[a]) for a in MESH_AXES]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise TrainConfigError(f"config.mesh.shape: expected positive sizes and at most one -1, "
-                               f"got {shape}")
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % fixed:
-            raise TrainConfigError(f"config.mesh.shape {shape}: {len(devices)} devices are not "
-                                   f"divisible by {fixed}")
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
-        raise TrainConfigError(f"config.mesh.shape {shape}: needs {math.prod(sizes)} devices, "
-                               f"found {len(devices)}")
     try:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(sizes, devices)
-    except Exception:  # non-TPU topologies the helper does not know: process-major order
-        grid = np.array(devices).reshape(sizes)
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        return shd.make_mesh(shape, devices)
+    except ValueError as e:
+        raise TrainConfigError(f"config.mesh.shape={shape}: {e}") from None
 
 
 def _batch_shards(mesh: Mesh) -> int:
@@ -212,7 +200,7 @@ def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> dict:
     abstract = abstract_model(model_cfg)
     pairs = []
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        spec = shd.logical_to_spec(var.logical_axes)
+        spec = shd.logical_to_spec(var.logical_axes, shape=var.get_value().shape, mesh=mesh)
         pairs.append((tuple(path), NamedSharding(mesh, spec)))
     return _nest(pairs)
 
@@ -292,11 +280,14 @@ def make_train_step(setup: TrainSetup, *, jit: bool = True, donate: bool = True)
 
     if not jit:
         return train_step
-    replicated = NamedSharding(setup.mesh, P())
-    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
-    return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
-                   out_shardings=(setup.state_shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+    key = ("train_step", donate)
+    if key not in setup._jitted:  # one compiled step per setup (setups are cached per config)
+        replicated = NamedSharding(setup.mesh, P())
+        batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
+        setup._jitted[key] = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+                                     out_shardings=(setup.state_shardings, replicated),
+                                     donate_argnums=(0,) if donate else ())
+    return setup._jitted[key]
 
 
 def make_eval_step(setup: TrainSetup):
@@ -306,9 +297,24 @@ def make_eval_step(setup: TrainSetup):
         with shd.logical_rules(setup.mesh):
             return loss_fn(params, setup.graphdef, batch["inputs"], batch["targets"])
 
-    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
-    return jax.jit(eval_step, in_shardings=(setup.state_shardings.params, batch_sh),
-                   out_shardings=NamedSharding(setup.mesh, P()))
+    if "eval_step" not in setup._jitted:
+        batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
+        setup._jitted["eval_step"] = jax.jit(
+            eval_step, in_shardings=(setup.state_shardings.params, batch_sh),
+            out_shardings=NamedSharding(setup.mesh, P()))
+    return setup._jitted["eval_step"]
+
+
+_SETUP_CACHE: dict = {}
+
+
+def _setup_key(config, mesh: Mesh, mcfg: ModelConfig):
+    """Everything a TrainSetup depends on, hashable (so that repeated `train()` calls in one
+    process, e.g. tests or notebooks, reuse the compiled init and step)."""
+    optim_cfg = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
+    t = config.train
+    return (mcfg, json.dumps(optim_cfg, sort_keys=True, default=str), int(t.seed), mesh,
+            int(t.batch_size), int(t.grad_accum_steps), int(t.microbatch_per_device))
 
 
 def create_train_state(config, mesh: Mesh, *, init: bool = True) -> tuple[TrainState | None,
@@ -316,6 +322,19 @@ def create_train_state(config, mesh: Mesh, *, init: bool = True) -> tuple[TrainS
     """(state, setup). The state is initialized directly sharded (Pythia init, `train.seed`);
     with `init=False` only the setup (with abstract, sharded shapes) is built."""
     mcfg = validate_config(config)
+    key = _setup_key(config, mesh, mcfg)
+    setup = _SETUP_CACHE.get(key)
+    if setup is None:
+        setup = _build_setup(config, mesh, mcfg)
+        if len(_SETUP_CACHE) >= 8:
+            _SETUP_CACHE.pop(next(iter(_SETUP_CACHE)))
+        _SETUP_CACHE[key] = setup
+    if not init:
+        return None, setup
+    return setup.init_fn(), setup
+
+
+def _build_setup(config, mesh: Mesh, mcfg: ModelConfig) -> TrainSetup:
     tx, schedule = optim_lib.make_optimizer(config.optim)
     graphdef = nnx.graphdef(abstract_model(mcfg))
     seed = int(config.train.seed)
@@ -333,15 +352,12 @@ def create_train_state(config, mesh: Mesh, *, init: bool = True) -> tuple[TrainS
     state_sh = TrainState(replicated, p_sh, opt_sh)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    setup = TrainSetup(
+    return TrainSetup(
         model_cfg=mcfg, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule,
         state_shardings=state_sh, abstract_state=abstract_sharded,
         batch_sharding=NamedSharding(mesh, P(BATCH_AXES, None)),
-        grad_accum=grad_accum_steps(config, mesh))
-    if not init:
-        return None, setup
-    state = jax.jit(init_fn, out_shardings=state_sh)()
-    return state, setup
+        grad_accum=grad_accum_steps(config, mesh),
+        init_fn=jax.jit(init_fn, out_shardings=state_sh))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -612,13 +628,27 @@ def open_data(config, workdir: str, *, build: bool = True):
         elif not text:
             raise TrainConfigError(f"config.data.eval_path={eval_path!r}: {ep}.bin/.idx: "
                                    "no such file")
-    # Check the first rows now: a dataset of documents (not seq_len + 1 rows) fails here.
-    if train_order.num_steps > 0:
-        try:
-            train_order.rows(0, 0, 1)
-        except (IndexedDatasetError, ValueError) as e:
-            raise TrainConfigError(f"config.data.path={d.path!r}: {e}") from None
     return train_order, eval_order
+
+
+def check_item_lengths(order, num_steps: int, field: str = "data.path") -> None:
+    """Every item the run will read must be seq_len + 1 tokens (O(items) over the index only;
+    a few seconds for the whole Pile). Raises TrainConfigError naming the first bad item."""
+    sizes = getattr(order.dataset, "sizes", None)
+    if sizes is None:
+        return
+    want = order.item_len
+    stop = min(num_steps * order.batch_size, len(sizes))
+    chunk = 1 << 24
+    for a in range(0, stop, chunk):
+        bad = np.nonzero(np.asarray(sizes[a:min(a + chunk, stop)]) != want)[0]
+        if bad.size:
+            k = a + int(bad[0])
+            raise TrainConfigError(
+                f"config.{field}: {order.name}: item {k} (step {k // order.batch_size}) has "
+                f"{int(sizes[k])} tokens, expected seq_len + 1 = {want} (train.seq_len="
+                f"{order.seq_len}); a raw one-document-per-item file needs the NeoX sample "
+                "index, or set train.seq_len to match the file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -741,6 +771,11 @@ def train(config, workdir: str) -> dict:
         raise TrainConfigError(
             f"config.train.num_steps={num_steps}: the data ({train_order.name}) holds only "
             f"{train_order.num_steps} steps of train.batch_size={B} rows")
+    check_item_lengths(train_order, num_steps)
+    if eval_order is not None:
+        check_item_lengths(eval_order, min(eval_order.num_steps,
+                                           int(config.train.get("eval_steps", 1) or 1)),
+                           "data.eval_path")
 
     os.makedirs(workdir, exist_ok=True)
     _, setup = create_train_state(config, mesh, init=False)
