@@ -59,8 +59,8 @@ def test_sharded_compile_on_a_2x2_v5e_slice():
 
 
 def test_oversized_blocks_are_caught_by_the_compiler():
-    """The gate can fail: 4096-row blocks at head_dim 256 overflow v5e's 16 MiB scoped VMEM."""
+    """The gate can fail: a 4096-row q block at head_dim 256 overflows v5e's 16 MiB scoped VMEM."""
     from pythia_jax.attention.pallas_tpu import BlockSizes
     rep = compile_report("v5e", "pallas", 1, 1, 4096, 256, backward=False,
-                         block_sizes=BlockSizes.uniform(4096))
+                         block_sizes=BlockSizes(block_q=4096, block_kv=512, block_kv_compute=512))
     assert not rep.ok and "ScopedVmemOom" in rep.error, rep.error
