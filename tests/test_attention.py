@@ -93,8 +93,11 @@ def test_fused_rotary_equals_rotary_then_attention(H):
     # Distinct positions per batch row (an offset), so the per-row table fetch is exercised.
     pos = jnp.arange(T, dtype=jnp.int32)[None, :] + jnp.array([[0], [37]], jnp.int32)
     cos, sin = rotary_tables(pos, H // 4, 10000.0)
-    fused = lambda q, k, v: pallas_attention(q, k, v, rotary=(cos, sin), block_sizes=blocks)  # noqa: E731
-    ref = lambda q, k, v: xla_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # noqa: E731
+    def fused(q, k, v):
+        return pallas_attention(q, k, v, rotary=(cos, sin), block_sizes=blocks)
+
+    def ref(q, k, v):
+        return apply_rotary_attention(q, k, v, cos, sin)
     got = _fwd_bwd(fused, q, k, v, do)
     _assert_close(got, _fwd_bwd(ref, q, k, v, do), ["o", "dq", "dk", "dv"])
     # Not a no-op: without the rotary the output is different.
@@ -111,8 +114,8 @@ def test_default_blocks_noncausal_and_offset_with_lse_gradient():
     # Non-causal, T != S.
     q, k, v, do = _inputs(1, 128, 2, H, S=256, seed=3)
     _assert_close(
-        _fwd_bwd(lambda q, k, v: pallas_attention(q, k, v, causal=False,
-                                                  block_sizes=BlockSizes.uniform(128)), q, k, v, do),
+        _fwd_bwd(lambda q, k, v: pallas_attention(
+            q, k, v, causal=False, block_sizes=BlockSizes.uniform(128)), q, k, v, do),
         _fwd_bwd(lambda q, k, v: xla_attention(q, k, v, causal=False), q, k, v, do),
         ["o", "dq", "dk", "dv"])
     # Causal with the queries being the last T of S keys, and a differentiated logsumexp (its
@@ -149,8 +152,11 @@ def test_bf16_error_within_twice_xla_bf16_error(H):
 def test_t2048_forward_and_grads_with_fused_rotary():
     q, k, v, do = _inputs(1, 2048, 1, 128, seed=6)
     cos, sin = _rotary(1, 2048, 128)
-    fused = lambda q, k, v: pallas_attention(q, k, v, rotary=(cos, sin))  # noqa: E731
-    ref = lambda q, k, v: xla_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # noqa: E731
+    def fused(q, k, v):
+        return pallas_attention(q, k, v, rotary=(cos, sin))
+
+    def ref(q, k, v):
+        return apply_rotary_attention(q, k, v, cos, sin)
     _assert_close(_fwd_bwd(fused, q, k, v, do), _fwd_bwd(ref, q, k, v, do),
                   ["o", "dq", "dk", "dv"])
 
@@ -186,8 +192,9 @@ def test_no_races_under_tpu_interpret_mode():
     cos, sin = _rotary(1, T, H)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     qh, kh, vh, doh = t(q), t(k), t(v), t(do)
-    st = pallas_tpu._Static(causal=True, scale=H ** -0.5, blocks=BlockSizes.uniform(128).resolve(T, T),
-                            interpret=params, rotary=True, T=T, S=T, N=1, H=H)
+    st = pallas_tpu._Static(causal=True, scale=H ** -0.5,
+                            blocks=BlockSizes.uniform(128).resolve(T, T), interpret=params,
+                            rotary=True, T=T, S=T, N=1, H=H)
     rot = (cos, sin)
     (o, lse), raced = _run_detecting_races(lambda: pallas_tpu._fwd_call(qh, kh, vh, rot, st))
     assert not raced
@@ -210,7 +217,8 @@ def apply_rotary_attention(q, k, v, cos, sin):
 # Bad input
 def test_unsupported_shapes_raise_clear_errors():
     q, k, v, _ = _inputs(1, 200, 2, 64)
-    with pytest.raises(UnsupportedShapeError, match="query length must be a positive multiple of 128"):
+    with pytest.raises(UnsupportedShapeError,
+                       match="query length must be a positive multiple of 128"):
         pallas_attention(q, k, v)
     with pytest.raises(UnsupportedShapeError, match="multiple of 128"):
         attend(q, k, v, impl="pallas")
@@ -218,14 +226,18 @@ def test_unsupported_shapes_raise_clear_errors():
         attend(q, k, v, impl="splash")
     for H in (72, 512):
         q, k, v, _ = _inputs(1, 128, 1, H)
-        with pytest.raises(UnsupportedShapeError, match=r"head_dim must be a multiple of 16 in \[16, 256\]"):
+        with pytest.raises(UnsupportedShapeError,
+                           match=r"head_dim must be a multiple of 16 in \[16, 256\]"):
             attend(q, k, v, impl="pallas")
     q, k, v, _ = _inputs(1, 256, 1, 64)
-    with pytest.raises(UnsupportedShapeError, match=r"BlockSizes.block_q: .* multiples of 128, got 192"):
+    with pytest.raises(UnsupportedShapeError,
+                       match=r"BlockSizes.block_q: .* multiples of 128, got 192"):
         pallas_attention(q, k, v, block_sizes=BlockSizes(block_q=192))
-    with pytest.raises(UnsupportedShapeError, match=r"BlockSizes.block_q=512 must divide length 256"):
+    with pytest.raises(UnsupportedShapeError,
+                       match=r"BlockSizes.block_q=512 must divide length 256"):
         pallas_attention(q, k, v, block_sizes=BlockSizes(block_q=512))
-    with pytest.raises(UnsupportedShapeError, match=r"block_kv_compute=256 must divide BlockSizes.block_kv=128"):
+    with pytest.raises(UnsupportedShapeError,
+                       match=r"block_kv_compute=256 must divide BlockSizes.block_kv=128"):
         pallas_attention(q, k, v, block_sizes=BlockSizes(block_kv=128, block_kv_compute=256))
     with pytest.raises(UnsupportedShapeError, match="rotary tables must be"):
         cos, sin = _rotary(1, 128, 64)

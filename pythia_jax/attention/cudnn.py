@@ -1,4 +1,4 @@
-"""cuDNN flash attention through the public `jax.nn.dot_product_attention(implementation="cudnn")`."""
+"""cuDNN flash attention via the public `jax.nn.dot_product_attention(implementation="cudnn")`."""
 
 from __future__ import annotations
 

@@ -363,7 +363,8 @@ def _fwd_call(q, k, v, rot, st: _Static):
     cost = pl.CostEstimate(
         flops=int(4 * B * N * T * S * H * frac),
         transcendentals=int(B * N * T * S * frac),
-        bytes_accessed=int(itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac)) + 4 * B * N * T))
+        bytes_accessed=int(itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac))
+                           + 4 * B * N * T))
     o, lse = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, N, nq, nk), in_specs=in_specs,
         out_specs=out_specs, scratch_shapes=scratch, compiler_params=_compiler_params(3),
