@@ -308,11 +308,12 @@ class _Run:
                 f"exceeds the model's context of {cfg.max_position_embeddings} positions "
                 "(shorten the prompt or ask for fewer new tokens)")
         if eos_token_id is None:
-            eos = [-1]
+            eos = []
         elif isinstance(eos_token_id, (int, np.integer)):
             eos = [int(eos_token_id)]
         else:
-            eos = [int(e) for e in eos_token_id] or [-1]
+            eos = [int(e) for e in eos_token_id]
+        eos += [-1] * (-len(eos) % 8 or (8 if not eos else 0))  # fixed size: no recompiles
         P = bucket_length(longest)
         self.ids, self.mask = _left_pad_to(ids, mask, P)
         self.lengths = lengths
