@@ -33,7 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from pythia_jax.model import GPTNeoX, KVCache
+from pythia_jax.attention.xla import MASK_VALUE
+from pythia_jax.model import (GPTNeoX, KVCache, apply_rotary, dtype_of, layer_norm,
+                              rotary_tables)
 
 __all__ = ["generate", "stream_generate", "generate_arrays", "GenerationOutput",
            "prepare_prompts", "filter_logits", "sample_logits", "bucket_length"]
@@ -189,8 +191,15 @@ def _check_sampling(temperature, top_k, top_p, vocab_size) -> _Sampling:
 # The compiled pieces
 @dataclasses.dataclass
 class _State:
-    """Decode-loop carry (a pytree)."""
-    cache: KVCache
+    """Decode-loop carry (a pytree).
+
+    The cache is kept per layer (separate buffers, updated in place by the loop) in the layouts
+    the decode attention reads without transposing: keys [B, N, H, S], values [B, N, S, H].
+    """
+    ks: tuple             # L x [B, N, H, S]
+    vs: tuple             # L x [B, N, S, H]
+    valid: jax.Array      # [B, S] bool: slots holding real tokens
+    index: jax.Array      # int32: the slot the next token is written to
     last: jax.Array       # [B] int32: the token to feed next
     pos: jax.Array        # [B] int32: its position
     done: jax.Array       # [B] bool
@@ -201,7 +210,8 @@ class _State:
 
 
 jax.tree_util.register_dataclass(
-    _State, data_fields=["cache", "last", "pos", "done", "tokens", "step", "n_gen", "scores"], meta_fields=[])
+    _State, data_fields=["ks", "vs", "valid", "index", "last", "pos", "done", "tokens", "step",
+                         "n_gen", "scores"], meta_fields=[])
 
 
 def _emit(st: _State, logits_BV, key, temperature, top_p, eos_ids, samp: _Sampling) -> _State:
@@ -218,6 +228,66 @@ def _emit(st: _State, logits_BV, key, temperature, top_p, eos_ids, samp: _Sampli
                                n_gen=st.n_gen + (~st.done).astype(jnp.int32), scores=scores)
 
 
+def _logits(cfg, x_BD, embed_out_VD):
+    """Output layer, as GPTNeoX computes it (float32 logits over the padded vocabulary)."""
+    cdt = dtype_of(cfg.dtype)
+    return jnp.einsum("bd,vd->bv", x_BD.astype(cdt), embed_out_VD.astype(cdt),
+                      preferred_element_type=jnp.float32)
+
+
+def _materialize(tree):
+    """Identity that XLA may not move into the loop (keeps the slices as their own buffers)."""
+    return jax.lax.optimization_barrier(tree)
+
+
+def _decode_layer(cfg, p, x_B1D, cos, sin, k_BNHS, v_BNSH, slot, valid_BS):
+    """One GPT-NeoX layer for one new token per row, with the per-layer cache.
+
+    The same computation as `model.block_forward` with a cache (LN, fused QKV, partial rotary,
+    masked softmax attention in float32, parallel residual MLP), written for a single query so
+    that neither the weights nor the cache are copied or transposed per step.
+    """
+    cdt = dtype_of(cfg.dtype)
+    eps = cfg.layer_norm_eps
+
+    def dense(h, kernel, bias, eq):
+        y = jnp.einsum(eq, h, kernel.astype(cdt), preferred_element_type=jnp.float32)
+        return (y + bias.astype(jnp.float32)).astype(cdt)
+
+    H = cfg.head_dim
+    a = layer_norm(x_B1D, p["ln1_scale"], p["ln1_bias"], eps)
+    qkv = dense(a, p["qkv_kernel"], p["qkv_bias"], "btd,dnkh->btnkh")  # [B,1,N,3,H]
+    q = apply_rotary(qkv[:, :, :, 0], cos, sin)[:, 0]  # [B,N,H]
+    k = apply_rotary(qkv[:, :, :, 1], cos, sin)[:, 0]
+    v = qkv[:, 0, :, 2]
+    k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k[..., None].astype(k_BNHS.dtype),
+                                          (0, 0, 0, slot))
+    v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v[:, :, None].astype(v_BNSH.dtype),
+                                          (0, 0, slot, 0))
+    scores = jnp.einsum("bnh,bnhs->bns", q, k_BNHS.astype(cdt),
+                        preferred_element_type=jnp.float32) * (H ** -0.5)
+    scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
+    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - lse)
+    o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
+                   preferred_element_type=jnp.float32).astype(cdt)
+    B, N = o.shape[:2]
+    attn_out = dense(o.reshape(B, 1, N * H), p["out_kernel"], p["out_bias"], "btk,kd->btd")
+    if cfg.use_parallel_residual:
+        m = layer_norm(x_B1D, p["ln2_scale"], p["ln2_bias"], eps)
+    else:
+        x_B1D = x_B1D + attn_out
+        m = layer_norm(x_B1D, p["ln2_scale"], p["ln2_bias"], eps)
+    h = jax.nn.gelu(dense(m, p["mlp_in_kernel"], p["mlp_in_bias"], "btd,df->btf"),
+                    approximate=cfg.gelu_approximate)
+    mlp_out = dense(h, p["mlp_out_kernel"], p["mlp_out_bias"], "btf,fd->btd")
+    if cfg.use_parallel_residual:
+        x_B1D = x_B1D + attn_out + mlp_out
+    else:
+        x_B1D = x_B1D + mlp_out
+    return x_B1D, k_BNHS, v_BNSH
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "samp", "n_out", "cache_len",
                                              "want_scores"))
 def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, samp, n_out,
@@ -227,13 +297,17 @@ def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, s
     B, P = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
     cache = KVCache.empty(cfg, B, cache_len)
-    logits, cache = model(ids, positions_BT=positions, cache=cache, attention_mask_BT=mask)
+    hidden, cache = model(ids, positions_BT=positions, cache=cache, attention_mask_BT=mask,
+                          return_hidden=True)
+    logits = _logits(cfg, hidden[:, -1], model.embed_out.embedding[...])
     scores = (jnp.zeros((B, n_out, logits.shape[-1]), jnp.float32) if want_scores else None)
-    st = _State(cache=cache, last=jnp.zeros((B,), jnp.int32),
+    st = _State(ks=tuple(cache.k[i].transpose(0, 2, 3, 1) for i in range(cfg.num_layers)),
+                vs=tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
+                valid=cache.key_valid, index=cache.index, last=jnp.zeros((B,), jnp.int32),
                 pos=jnp.sum(mask, axis=1).astype(jnp.int32), done=jnp.zeros((B,), bool),
                 tokens=jnp.full((B, n_out), PAD_ID, jnp.int32), step=jnp.zeros((), jnp.int32),
                 n_gen=jnp.zeros((B,), jnp.int32), scores=scores)
-    return _emit(st, logits[:, -1], key, temperature, top_p, eos_ids, samp)
+    return _emit(st, logits, key, temperature, top_p, eos_ids, samp)
 
 
 # Streaming: the decode loop hands every step's tokens to the host through an ordered
@@ -255,17 +329,36 @@ def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids
             stream):
     """Run decode steps while `step < stop` and some sequence is unfinished."""
     model = nnx.merge(graphdef, params)
+    cfg = model.config
     B = st.last.shape[0]
-    ones = jnp.ones((B, 1), bool)
+    # Per-layer weights sliced once, before the loop. (Slicing the stacked [L, ...] arrays
+    # inside the loop body makes XLA:CPU copy every layer's weights on every step.)
+    lp = model.layer_params()
+    N, H, D = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    layers = [{k: (v[i].reshape(N * H, D) if k == "out_kernel" else v[i]) for k, v in lp.items()}
+              for i in range(cfg.num_layers)]
+    layers, embed_in, embed_out, lnf = _materialize(
+        (layers, model.embed_in.embedding[...], model.embed_out.embedding[...],
+         (model.final_layer_norm.scale[...], model.final_layer_norm.bias[...])))
 
     def cond(s):
         return (s.step < stop) & ~jnp.all(s.done)
 
     def body(s):
-        logits, cache = model(s.last[:, None], positions_BT=s.pos[:, None], cache=s.cache,
-                              attention_mask_BT=ones)
-        s = dataclasses.replace(s, cache=cache, pos=s.pos + 1)
-        s = _emit(s, logits[:, 0], key, temperature, top_p, eos_ids, samp)
+        valid = jax.lax.dynamic_update_slice_in_dim(s.valid, jnp.ones((B, 1), bool), s.index,
+                                                    axis=1)
+        x = jnp.take(embed_in, s.last, axis=0).astype(dtype_of(cfg.dtype))[:, None]  # [B,1,D]
+        cos, sin = rotary_tables(s.pos[:, None], cfg.rotary_dim, cfg.rotary_emb_base)
+        ks, vs = [], []
+        for p, kc, vc in zip(layers, s.ks, s.vs):
+            x, kc, vc = _decode_layer(cfg, p, x, cos, sin, kc, vc, s.index, valid)
+            ks.append(kc)
+            vs.append(vc)
+        x = layer_norm(x[:, 0], lnf[0], lnf[1], cfg.layer_norm_eps)
+        logits = _logits(cfg, x, embed_out)
+        s = dataclasses.replace(s, ks=tuple(ks), vs=tuple(vs), valid=valid, index=s.index + 1,
+                                pos=s.pos + 1)
+        s = _emit(s, logits, key, temperature, top_p, eos_ids, samp)
         if stream:
             halt = io_callback(_deliver, jax.ShapeDtypeStruct((B,), jnp.bool_), sid,
                                s.last, s.done, ordered=True)
