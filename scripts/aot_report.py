@@ -10,12 +10,16 @@ topology's devices (`jax.experimental.topologies`), and compiles it with libtpu.
 
 - per-device memory from the compiler's buffer assignment: arguments (train state + batch),
   temporaries, and the total against the chip's HBM (fits or not);
-- FLOPs per step and the compiler's estimated step time. XLA's cost analysis counts a loop body
-  once, so the scanned layers (and the gradient-accumulation loop) hide most of the work. The
-  costs therefore come from two more compiles of the same step with the layers unrolled, for 1
-  and 2 layers and one microbatch; a layer's cost is their difference, the step's cost is
-  `accum x (cost(1) + (L - 1) x per_layer)` (the optimizer update is counted `accum` times, an
-  overestimate of well under 1 %). `--cost=full` compiles the whole unrolled model instead;
+- FLOPs per step and the compiler's estimated step time (`optimal_seconds` of XLA's cost
+  analysis). The cost analysis counts a loop body once, so the scanned layers, the
+  gradient-accumulation loop and the loops XLA makes of collectives on large slices hide most
+  of the work. The costs therefore come from separate compiles without loops: one device's
+  share of one microbatch (loss and gradients; on a single chip, or one `tensor` group) for 1
+  and 2 unrolled layers, whose difference is a layer's cost, plus the optimizer update on the
+  full mesh: `accum x (cost(1) + (L - 1) x per_layer) + update`. Communication on the data /
+  fsdp axes is left out (assumed overlapped with compute), so the time is a lower bound and
+  the MFU an upper bound. `--cost=full` costs the whole unrolled step on the full mesh instead
+  (reliable on small slices only), `--cost=check` does both;
 - the MFU that the estimated time implies: model FLOPs (6 N per token plus attention, the
   PaLM convention, without the recomputation that remat adds) / (chips x peak x time).
 """
@@ -228,30 +232,101 @@ def _cost(compiled) -> dict:
             "unpriced": unpriced, "unpriced_how": how}
 
 
-def step_cost(config, devices, grad_accum: int, mode: str) -> dict:
-    """Per-device FLOPs and estimated seconds of one whole step (see the module doc)."""
-    L = int(config.model.num_layers)
-    B = int(config.train.batch_size)
+def compile_grads(config, devices):
+    """(compiled, seconds): loss and gradients of one batch (no optimizer), as the train step
+    computes them (`train.loss_fn` under the logical rules), for `devices`."""
+    import jax
 
-    def one(layers):
+    from pythia_jax import sharding as shd
+    from pythia_jax import train
+    mesh = train.make_mesh(config, devices=devices)
+    _, setup = train.create_train_state(config, mesh, init=False)
+    B, T = int(config.train.batch_size), int(config.train.seq_len)
+    tok = jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=setup.batch_sharding)
+    p_sh = setup.state_shardings.params
+
+    def loss_and_grads(params, inputs, targets):
+        with shd.logical_rules(mesh):
+            return jax.value_and_grad(train.loss_fn)(params, setup.graphdef, inputs, targets)
+
+    fn = jax.jit(loss_and_grads, in_shardings=(p_sh, setup.batch_sharding, setup.batch_sharding),
+                 out_shardings=(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                p_sh))
+    t0 = time.perf_counter()
+    with compiling_for_tpu():
+        compiled = fn.lower(setup.abstract_state.params, tok, tok).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def compile_update(setup):
+    """(compiled, seconds): the optimizer update of the train step on the full mesh."""
+    import jax
+    import optax
+
+    from pythia_jax import train
+    sh = setup.state_shardings
+
+    def update(state, grads):
+        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+        return train.TrainState(state.step + 1, optax.apply_updates(state.params, updates),
+                                opt_state)
+
+    fn = jax.jit(update, in_shardings=(sh, sh.params), out_shardings=sh, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(setup.abstract_state, setup.abstract_state.params).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def step_cost(config, devices, setup, mode: str) -> dict:
+    """Per-device FLOPs and estimated seconds of one whole step (see the module doc).
+
+    extrapolate: one device's share of one microbatch (loss and gradients) compiled on the
+      devices of one `tensor` group (a single chip when tensor=1) for 1 and 2 unrolled layers;
+      cost = accum x (cost(1) + (L - 1) x (cost(2) - cost(1))) + the optimizer update compiled
+      on the full mesh. Collectives of the data / fsdp axes are not in it (the estimate assumes
+      XLA overlaps them with compute).
+    full: the whole train step, layers unrolled, on the full mesh, once per microbatch. Its
+      collectives are costed too, but on large slices XLA turns collectives into loops that
+      the cost analysis counts once; use it on small slices (the test does, to check the
+      extrapolation).
+    """
+    L = int(config.model.num_layers)
+    A = setup.grad_accum
+    mesh = setup.mesh
+    keys = ("flops", "seconds", "bytes")
+    if mode == "full":
         c = config.copy_and_resolve_references()
-        c.model.num_layers = layers
         c.model.scan_layers = False
-        c.train.batch_size = B // grad_accum
+        c.train.batch_size = int(config.train.batch_size) // A
         c.train.grad_accum_steps = 1
         c.train.microbatch_per_device = 0
         compiled, _, secs = compile_step(c, devices)
+        part = _cost(compiled)
+        return {k: part[k] * A for k in keys} | {"compile_s": secs, "parts": {"full": part}}
+
+    t = mesh.shape["tensor"]
+    per_device = int(config.train.batch_size) // A // (mesh.shape["data"] * mesh.shape["fsdp"])
+    group = [d for d in mesh.devices.reshape(-1, t)[0]]  # one tensor group (contiguous)
+
+    def grads_cost(layers):
+        c = config.copy_and_resolve_references()
+        c.model.num_layers = layers
+        c.model.scan_layers = False
+        c.train.batch_size = per_device
+        c.train.grad_accum_steps = 1
+        c.train.microbatch_per_device = 0
+        import ml_collections
+        c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": t})
+        compiled, secs = compile_grads(c, group)
         return _cost(compiled), secs
 
-    keys = ("flops", "seconds", "bytes")
-    if mode == "full":
-        c, secs = one(L)
-        return {k: c[k] * grad_accum for k in keys} | {"compile_s": secs, "parts": {L: c}}
-    c1, s1 = one(1)
-    c2, s2 = one(2)
-    out = {k: grad_accum * (c1[k] + (L - 1) * (c2[k] - c1[k])) for k in keys}
-    out["compile_s"] = s1 + s2
-    out["parts"] = {1: c1, 2: c2}
+    g1, s1 = grads_cost(1)
+    g2, s2 = grads_cost(2)
+    up_compiled, s3 = compile_update(setup)
+    up = _cost(up_compiled)
+    out = {k: A * (g1[k] + (L - 1) * (g2[k] - g1[k])) + up[k] for k in keys}
+    out["compile_s"] = s1 + s2 + s3
+    out["parts"] = {"grads_1_layer": g1, "grads_2_layers": g2, "update": up}
     return out
 
 
@@ -294,10 +369,9 @@ def report(model: str, topology: str, mesh: dict, batch: int = 1024, seq_len: in
         "peak_tflops_per_chip": peak_tflops,
     }
     if cost != "none":
-        c = step_cost(config, devices, setup.grad_accum,
-                      "extrapolate" if cost == "check" else cost)
+        c = step_cost(config, devices, setup, "extrapolate" if cost == "check" else cost)
         if cost == "check":
-            f = step_cost(config, devices, setup.grad_accum, "full")
+            f = step_cost(config, devices, setup, "full")
             row["cost_check"] = {"full_flops": f["flops"] * n, "full_seconds": f["seconds"],
                                  "flops_ratio": c["flops"] / f["flops"],
                                  "seconds_ratio": c["seconds"] / f["seconds"]}
