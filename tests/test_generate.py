@@ -72,8 +72,11 @@ def test_greedy_matches_transformers_batch_of_different_lengths(tiny):
         assert gen.generate(model, [p], NEW)[0] == ref[i]
 
 
-def test_cache_logits_equal_full_recompute_every_step(tiny):
+@pytest.mark.parametrize("feature_major", [True, False])
+def test_cache_logits_equal_full_recompute_every_step(tiny, monkeypatch, feature_major):
+    """Both decode-loop layouts (feature-major: the CPU default; row-major: other backends)."""
     _, model = tiny
+    monkeypatch.setattr(gen, "FEATURE_MAJOR_DECODE", feature_major)
     out = gen.generate_arrays(model, PROMPTS, NEW, output_scores=True)
     seqs = [p + out.to_lists()[i] for i, p in enumerate(PROMPTS)]
     T = max(map(len, seqs))
