@@ -107,6 +107,8 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     c.train.progress_bar = True
     # Peak FLOP/s of one device for MFU; 0 = from the device kind (unknown on CPU: no MFU).
     c.train.peak_flops_per_device = 0.0
+    # metrics.jsonl + TensorBoard events; "" = the workdir (for a gs:// workdir: ./runs/<name>)
+    c.train.log_dir = ""
     c.train.eval_every = EVAL_INTERVAL.get(size, 40000)  # eval-interval (0 = never)
     c.train.eval_steps = 10                               # eval-iters
     # Abort when this many consecutive updates were skipped for non-finite gradients.
@@ -143,6 +145,7 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     c.sample.prompt = "The"
     c.sample.max_new_tokens = 0
     c.sample.temperature = 0.0
+    c.sample.top_k = 0                    # 0 = no top-k filter
     c.sample.seed = 0
 
     # --- what the NeoX runs used that has no direct equivalent here (for the record) -------------

@@ -65,4 +65,5 @@ def get_config(arg: str | None = None):
     c.sample.prompt = "ROMEO:"
     c.sample.max_new_tokens = 48
     c.sample.temperature = 0.7
+    c.sample.top_k = 40
     return c

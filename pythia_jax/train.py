@@ -440,7 +440,8 @@ class Checkpoints:
     ITEMS = ("params", "opt_state", "meta", "model_config")
 
     def __init__(self, workdir: str, config, setup: TrainSetup):
-        self.dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        base = workdir if _is_remote(workdir) else os.path.abspath(workdir)
+        self.dir = os.path.join(base, CHECKPOINT_DIR)
         self.config = config
         self.setup = setup
         ck = config.checkpoint
@@ -538,8 +539,13 @@ def _first_line(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Data
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
 def _resolve_path(path: str, workdir: str) -> str:
-    return os.path.expanduser(path.replace("{workdir}", os.path.abspath(workdir)))
+    base = workdir if _is_remote(workdir) else os.path.abspath(workdir)
+    return os.path.expanduser(path.replace("{workdir}", base))
 
 
 def build_rows_from_text(text_path: str, prefix: str, seq_len: int, *, seed: int = 1234,
@@ -696,21 +702,19 @@ class _Preemption:
 # ------------------------------------------------------------------------------------------------
 # Generation of the final sample
 def sample_text(model: GPTNeoX, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                seed: int = 0) -> str:
+                seed: int = 0, top_k: int | None = None) -> str:
     """Greedy / temperature sampling with `pythia_jax.generate` when present, else a small loop."""
     from pythia_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     ids = tok.encode(prompt).ids or [0]
-    prompt_ids = np.asarray([ids], np.int32)
     try:
         from pythia_jax.generate import generate
     except ImportError:
         generate = None
-    if generate is not None:
-        out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, seed=seed)
-        out = np.asarray(out)[0].tolist()
-        new = out[len(ids):] if out[:len(ids)] == ids else out
+    if generate is not None:  # returns the new tokens of each prompt
+        new = list(generate(model, [ids], max_new_tokens, temperature=temperature,
+                            top_k=top_k or None, seed=seed)[0])
     else:
         new = _fallback_generate(model, ids, max_new_tokens, temperature, seed)
     return prompt + tok.decode(new)
@@ -756,7 +760,10 @@ def train(config, workdir: str) -> dict:
     from pythia_jax.data.pipeline import BatchIterator, make_global_batch
     from pythia_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
 
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = os.fspath(workdir)
+    remote = _is_remote(workdir)
+    if not remote:
+        workdir = os.path.abspath(workdir)
     mcfg = validate_config(config)
     num_steps = int(config.train.num_steps)
     B, T = int(config.train.batch_size), int(config.train.seq_len)
@@ -764,7 +771,7 @@ def train(config, workdir: str) -> dict:
     grad_accum_steps(config, mesh)  # fail on an impossible batch layout before touching disk
 
     # Data before anything is written: a bad path or row length fails with the workdir intact.
-    if not os.path.isdir(workdir) and os.path.exists(workdir):
+    if not remote and not os.path.isdir(workdir) and os.path.exists(workdir):
         raise TrainConfigError(f"--workdir={workdir}: exists and is not a directory")
     train_order, eval_order = open_data(config, workdir)
     if num_steps > train_order.num_steps:
@@ -777,7 +784,8 @@ def train(config, workdir: str) -> dict:
                                            int(config.train.get("eval_steps", 1) or 1)),
                            "data.eval_path")
 
-    os.makedirs(workdir, exist_ok=True)
+    if not remote:
+        os.makedirs(workdir, exist_ok=True)
     _, setup = create_train_state(config, mesh, init=False)
     ckpts = Checkpoints(workdir, config, setup)
     start = ckpts.latest_step()
@@ -787,7 +795,8 @@ def train(config, workdir: str) -> dict:
                              f"config.train.num_steps={num_steps}; nothing to do (use a larger "
                              "num_steps or another --workdir)")
         state, meta = ckpts.restore(start)
-        _log(f"resumed from {os.path.join(ckpts.dir, str(start))} (step {start})")
+        _log(f"resumed from {os.path.join(ckpts.dir, str(start))} (step {start}) on "
+             f"{mesh.devices.size} device(s), mesh {dict(mesh.shape)}")
     else:
         state, _ = create_train_state(config, mesh)
         start = 0
@@ -800,7 +809,14 @@ def train(config, workdir: str) -> dict:
     flops_per_token = mcfg.flops_per_token(T)["training"]
     peak = peak_flops_per_device(float(config.train.get("peak_flops_per_device", 0.0)))
     n_dev = mesh.devices.size
-    writer = MetricsWriter(workdir, total_steps=num_steps, initial_step=start,
+    log_dir = str(config.train.get("log_dir", "") or "")
+    log_dir = _resolve_path(log_dir, workdir) if log_dir else (
+        os.path.join("runs", str(config.get("name", "run"))) if remote else workdir)
+    if jax.process_index() == 0:
+        os.makedirs(log_dir, exist_ok=True)
+        if log_dir != workdir:
+            _log(f"metrics.jsonl and TensorBoard events: {os.path.abspath(log_dir)}")
+    writer = MetricsWriter(log_dir, total_steps=num_steps, initial_step=start,
                            progress_bar=bool(config.train.get("progress_bar", True)))
     train_step = make_train_step(setup)
     eval_step = make_eval_step(setup) if eval_order is not None else None
@@ -840,6 +856,10 @@ def train(config, workdir: str) -> dict:
                     assert data_step == step, (data_step, step)
                     state, metrics = train_step(state, batch)
                     step += 1
+                    if step == start + 1 and num_steps - start > 1:
+                        # the first step includes compilation: time the interval from here
+                        jax.block_until_ready(metrics)
+                        t_last, step_last = time.perf_counter(), step
                     pending.append(metrics)
                     if step % log_every == 0 or step == num_steps:
                         fetched = jax.device_get(pending)
@@ -891,12 +911,12 @@ def train(config, workdir: str) -> dict:
 
     summary["state"] = state
     summary["setup"] = setup
-    n_new = int(config.get("sample", {}).get("max_new_tokens", 0) or 0) if "sample" in config \
-        else 0
-    if n_new > 0 and not summary["preempted"] and jax.process_index() == 0:
+    n_new = int(config.sample.max_new_tokens or 0) if "sample" in config else 0
+    if n_new > 0 and not summary["preempted"] and jax.process_count() == 1:
         model = nnx.merge(setup.graphdef, jax.device_get(state.params))
         text = sample_text(model, str(config.sample.prompt), n_new,
-                           float(config.sample.temperature), int(config.sample.seed))
+                           float(config.sample.temperature), int(config.sample.seed),
+                           int(config.sample.get("top_k", 0) or 0))
         summary["sample"] = text
         print(f"\n--- sample after {summary['end_step']} steps "
               f"(prompt {config.sample.prompt!r}) ---\n{text}\n---", flush=True)
