@@ -76,7 +76,7 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
         gelu_approximate=True,
         scan_layers=True,
         remat="none" if preset.hidden_size < 2048 else "full",  # NeoX: checkpoint-activations
-        attention_impl="xla",  # switch to "auto" once the kernel dispatch lands
+        attention_impl="auto",   # TPU: Pallas flash kernel, GPU: cuDNN, CPU: xla
     )
     c.model = ml_collections.ConfigDict(m)
 
