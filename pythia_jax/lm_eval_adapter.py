@@ -106,6 +106,8 @@ class PythiaJaxLM(TemplateLM):
         else:
             from pythia_jax.hf import from_pretrained
             src = os.fspath(pretrained)
+            if dtype in ("auto", "None", ""):
+                dtype = None  # from_pretrained's default: float32 parameters
             self._model = from_pretrained(src, revision=revision, dtype=dtype)
             self._name = src
         if tokenizer is None:
