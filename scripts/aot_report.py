@@ -340,13 +340,18 @@ def report(model: str, topology: str, mesh: dict, batch: int = 1024, seq_len: in
     config = build_config(model, mesh=mesh, batch=batch, seq_len=seq_len, microbatch=microbatch,
                           grad_accum=grad_accum, remat=remat, scan_layers=scan_layers,
                           attention=attention, dtype=dtype, overrides=overrides)
-    compiled, setup, compile_s = compile_step(config, devices)
-    mem = compiled.memory_analysis()
-    args = mem.argument_size_in_bytes
-    temp = mem.temp_size_in_bytes
-    total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
-    mcfg = setup.model_cfg
     n = len(devices)
+    try:
+        compiled, setup, compile_s = compile_step(config, devices)
+    except Exception as e:  # the compiler refuses programs that cannot fit in HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, compile_s = None, float("nan")
+        from pythia_jax import train
+        _, setup = train.create_train_state(config, train.make_mesh(config, devices=devices),
+                                            init=False)
+        error = str(e).strip().splitlines()[0]
+    mcfg = setup.model_cfg
     model_flops = mcfg.flops_per_token(seq_len)["training"] * batch * seq_len
     row = {
         "model": f"pythia-{model.lower().removeprefix('pythia-')}",
@@ -356,18 +361,28 @@ def report(model: str, topology: str, mesh: dict, batch: int = 1024, seq_len: in
             setup.mesh.shape[a] for a in ("data", "fsdp")),
         "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "attention": mcfg.attention_impl,
         "dtype": mcfg.dtype, "params": mcfg.param_counts()["total"],
-        "memory": {"arguments_gib": args / 2**30, "temporaries_gib": temp / 2**30,
-                   "output_gib": mem.output_size_in_bytes / 2**30,
-                   "aliased_gib": mem.alias_size_in_bytes / 2**30,
-                   "total_gib": total / 2**30, "hbm_gib": hbm_gib,
-                   "fits": total <= hbm_gib * 2**30},
         "compile_s": compile_s,
-        # Pallas kernels compiled by Mosaic (not interpret mode), as the TPU will run them
-        "mosaic_kernels": (None if (hlo := _hlo_text(compiled)) is None else
-                           len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))),
         "model_flops_per_step": model_flops,
         "peak_tflops_per_chip": peak_tflops,
     }
+    if compiled is None:
+        need = re.search(r"HLO temporaries \(([\d.]+)G\)", error)
+        row["memory"] = {"fits": False, "hbm_gib": hbm_gib, "compiler_error": error,
+                         "temporaries_gib": float(need.group(1)) if need else None}
+        return row
+    mem = compiled.memory_analysis()
+    args = mem.argument_size_in_bytes
+    temp = mem.temp_size_in_bytes
+    total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
+    row["memory"] = {"arguments_gib": args / 2**30, "temporaries_gib": temp / 2**30,
+                     "output_gib": mem.output_size_in_bytes / 2**30,
+                     "aliased_gib": mem.alias_size_in_bytes / 2**30,
+                     "total_gib": total / 2**30, "hbm_gib": hbm_gib,
+                     "fits": total <= hbm_gib * 2**30}
+    # Pallas kernels compiled by Mosaic (not interpret mode), as the TPU will run them
+    hlo = _hlo_text(compiled)
+    row["mosaic_kernels"] = (None if hlo is None else
+                             len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)))
     if cost != "none":
         c = step_cost(config, devices, setup, "extrapolate" if cost == "check" else cost)
         if cost == "check":
@@ -396,6 +411,11 @@ def format_report(r: dict) -> str:
         f"  batch {r['batch']} x {r['seq_len']} tokens, grad accumulation {r['grad_accum']} "
         f"({r['microbatch_per_device']} sequences per device per microbatch), remat "
         f"{r['remat']}, scan_layers {r['scan_layers']}, attention {r['attention']}, {r['dtype']}",
+    ]
+    if "compiler_error" in m:
+        return "\n".join(lines + [f"  memory per device: DOES NOT FIT in {m['hbm_gib']} GiB HBM: "
+                                  f"the compiler refused it: {m['compiler_error']}"])
+    lines += [
         f"  compile: {r['compile_s']:.1f} s",
         f"  memory per device: arguments {m['arguments_gib']:.2f} GiB, temporaries "
         f"{m['temporaries_gib']:.2f} GiB, total {m['total_gib']:.2f} GiB of {m['hbm_gib']} GiB "

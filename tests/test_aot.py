@@ -60,3 +60,17 @@ def test_small_train_step_compiles_for_v5e_2x2(tmp_path):
     check = r["cost_check"]
     assert check["flops_ratio"] == pytest.approx(1.0, rel=0.01), check
     assert check["full_seconds"] > 0 and check["seconds_ratio"] == pytest.approx(1.0, rel=0.25)
+
+
+@pytest.mark.slow
+def test_step_that_cannot_fit_is_reported_as_not_fitting(tmp_path):
+    # 4096 x 2048 tokens of 50,304 fp32 logits per step on 4 v5e chips: far beyond 16 GiB
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "aot_report.py"),
+                           "--model=pythia-14m", "--topology=v5e:2x2", "--mesh=data:4",
+                           "--batch=4096", "--remat=none", "--cost=none", f"--json={out}"],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "DOES NOT FIT" in proc.stdout, proc.stdout
+    m = json.loads(out.read_text())["memory"]
+    assert m["fits"] is False and m["temporaries_gib"] > 16
