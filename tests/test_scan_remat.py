@@ -17,7 +17,8 @@ from pythia_jax.model import GPTNeoX
 # B=2, T=8, L=2, N=4, H=16, D=64, F=256, V=128: every dimension distinct from the others that
 # matter below, so residual shapes identify what was saved.
 B, T, L, N, H, D, F, V = 2, 8, 2, 4, 16, 64, 256, 128
-BASE = ModelConfig(hidden_size=D, num_layers=L, num_heads=N, intermediate_size=F, vocab_size=V)
+BASE = ModelConfig(hidden_size=D, num_layers=L, num_heads=N, intermediate_size=F, vocab_size=V,
+                   scan_layers=False)  # the unrolled reference
 
 
 def _ids():
