@@ -374,11 +374,17 @@ def load_hf_state_dict(cfg: ModelConfig, src: _TensorSource, *, where: str, para
     from pythia_jax import sharding as shd
 
     it = list(flat.items())
+    for path, _ in it:
+        if tuple(str(p) for p in path) not in by_param:
+            raise AssertionError(f"no checkpoint tensor feeds parameter {'.'.join(map(str, path))}")
     bar = _progress(len(it), "loading", progress)
+    if mesh is None:
+        _fill_unsharded(it, by_param, src, param_dtype, bar)
+        bar.close()
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
     for path, var in it:
         spath = tuple(str(p) for p in path)
-        if spath not in by_param:
-            raise AssertionError(f"no checkpoint tensor feeds parameter {'.'.join(spath)}")
         shape = tuple(var.get_value().shape)
         entries = by_param[spath]
 
@@ -394,16 +400,76 @@ def load_hf_state_dict(cfg: ModelConfig, src: _TensorSource, *, where: str, para
                                 dtype=param_dtype) for l in layers]
             return np.stack(parts) if parts else np.zeros((0,) + shape[1:], param_dtype)
 
-        if mesh is not None:
-            spec = shd.logical_to_spec(var.logical_axes, shape=shape, mesh=mesh)
-            sharding = jax.sharding.NamedSharding(mesh, spec)
-            value = jax.make_array_from_callback(shape, sharding, read)
-        else:
-            value = jnp.asarray(read(()))
-        var.set_value(value)
+        spec = shd.logical_to_spec(var.logical_axes, shape=shape, mesh=mesh)
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        var.set_value(jax.make_array_from_callback(shape, sharding, read))
         bar.update(1)
     bar.close()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+#: Host buffers handed to JAX are aligned so that the CPU client can adopt them without a copy.
+_HOST_ALIGN = 64
+#: Source rows per block of a transposing copy (measured best for fp16/bf16/fp32 sources).
+_COPY_BLOCK_ROWS = 16
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + _HOST_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _HOST_ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def _copy_hf_into(dst: np.ndarray, kind: str, a: np.ndarray) -> None:
+    """dst[...] = _to_ours(kind, a) cast to dst's dtype, written straight into `dst`.
+
+    Every re-orientation in `_to_ours` is a 2-D transpose of the HF matrix followed by a
+    reshape of the result, so it is copied as `dst.reshape(cols, rows)[:, rows i..i+k] =
+    a[i..i+k].T` in blocks of a few source rows (sequential reads, cache-sized writes).
+    """
+    if kind in ("qkv_w", "attn_out_w", "T"):
+        d2 = dst.reshape(a.shape[1], a.shape[0])
+        step = _COPY_BLOCK_ROWS
+        for i in range(0, a.shape[0], step):
+            np.copyto(d2[:, i:i + step], a[i:i + step].T, casting="unsafe")
+    else:
+        np.copyto(dst, a.reshape(dst.shape), casting="unsafe")
+
+
+def _fill_unsharded(items, by_param, src: _TensorSource, param_dtype, bar) -> None:
+    """Every parameter in one pass: each checkpoint tensor is converted and re-oriented straight
+    into an aligned host buffer of the final (stacked) array, tensors in parallel threads (numpy
+    releases the GIL while copying), and the buffers become jax arrays without another copy."""
+    import concurrent.futures as cf
+
+    bufs, jobs = [], []
+    for path, var in items:
+        shape = tuple(var.get_value().shape)
+        buf = _aligned_empty(shape, param_dtype)
+        bufs.append((var, buf))
+        for layer, kind, k in by_param[tuple(str(p) for p in path)]:
+            if layer is None:
+                jobs.append((buf, kind, k, shape))
+            else:
+                jobs.append((buf[layer], kind, k, shape[1:]))
+
+    def run(job):
+        dst, kind, k, _ = job
+        _copy_hf_into(dst, kind, src.get(k))
+
+    workers = min(8, os.cpu_count() or 1)
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        for f in [pool.submit(run, j) for j in jobs]:
+            f.result()
+    cpu = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else None
+    for var, buf in bufs:
+        # On the CPU backend an aligned buffer is adopted as is (no copy); elsewhere this is the
+        # one host-to-device transfer.
+        var.set_value(jax.device_put(buf, cpu, may_alias=True) if cpu is not None
+                      else jnp.asarray(buf))
+        bar.update(1)
 
 
 def _progress(total, desc, enabled):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -208,8 +209,9 @@ def test_orbax_model_directory_round_trip(tmp_path):
     hf = tiny_hf_model(seed=12, init_scale=0.1)
     model = pythia_jax.from_pretrained(_export(tmp_path, hf))
     d = save_model(model, tmp_path / "jax")
-    again = pythia_jax.from_pretrained(d, attention_impl="xla", scan_layers=True)
-    assert again.config.scan_layers
+    assert model.config.scan_layers  # the default
+    again = pythia_jax.from_pretrained(d, attention_impl="xla", scan_layers=False)
+    assert not again.config.scan_layers
     ids = np.arange(16).reshape(1, 16)
     # scanned vs unrolled layers: same parameters, fp32 rounding differs only in fusion order
     np.testing.assert_allclose(np.asarray(again(ids)), np.asarray(model(ids)), atol=1e-5)
@@ -228,3 +230,22 @@ def test_compute_dtype_reaches_every_source_kind(tmp_path):
         m = pythia_jax.from_pretrained(src, compute_dtype="bfloat16")
         assert (m.config.param_dtype, m.config.dtype) == ("float32", "bfloat16")
         assert np.asarray(m(np.zeros((1, 4), np.int32))).dtype == np.float32
+
+
+@pytest.mark.parametrize("src_dt,dst_dt", [("float16", "float32"), ("bfloat16", "bfloat16"),
+                                           ("float32", "float16")])
+def test_direct_copy_equals_reorientation_for_every_kind(src_dt, dst_dt):
+    """The loader writes each HF tensor straight into the final buffer (blocked transposes,
+    fused cast); it must equal `_to_ours` + astype for every transform kind and dtype pair."""
+    from pythia_jax.hf import _aligned_empty, _copy_hf_into, _to_ours
+    rng = np.random.default_rng(0)
+    d, N, H, F = 24, 3, 8, 40
+    cases = {"qkv_w": ((3 * N * H, d), (d, N, 3, H)), "attn_out_w": ((d, N * H), (N, H, d)),
+             "T": ((F, d), (d, F)), "qkv_b": ((3 * N * H,), (N, 3, H)), "id": ((37, d), (37, d))}
+    sdt, ddt = np.dtype(jnp.dtype(src_dt)), np.dtype(jnp.dtype(dst_dt))
+    for kind, (hf_shape, ours) in cases.items():
+        a = rng.standard_normal(hf_shape).astype(sdt)
+        dst = _aligned_empty(ours, ddt)
+        assert dst.ctypes.data % 64 == 0 and dst.flags.c_contiguous
+        _copy_hf_into(dst, kind, a)
+        np.testing.assert_array_equal(dst, _to_ours(kind, a, ours).astype(ddt), err_msg=kind)
