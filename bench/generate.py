@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf_threads", default="",
+                    help="also time HF with these torch thread counts, e.g. '1' (default: "
+                         "torch's default only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -74,10 +77,16 @@ def main(argv=None) -> int:
             cache_bytes = 2 * 4 * cfg.num_layers * B * S * cfg.hidden_size
             step_bytes = weight_bytes + cache_bytes
             t_ours, t_hf, gbps = [], [], []
+            extra = {int(n): [] for n in args.hf_threads.split(",") if n}
+            default_threads = torch.get_num_threads()
             for _ in range(args.repeats):
                 gbps.append(measure_read_gbps(nbytes=512 << 20, repeats=2)["best"])
                 t_ours += _timeit(run_ours, 1)
                 t_hf += _timeit(run_hf, 1)
+                for n, ts in extra.items():
+                    torch.set_num_threads(n)
+                    ts += _timeit(run_hf, 1)
+                    torch.set_num_threads(default_threads)
             floor = [N * step_bytes / (g * 1e9) for g in gbps]  # s, weight-read floor
             row = {"batch": B, "prompt": P, "new_tokens": N, "token_agreement": agree,
                    "ours_best_s": min(t_ours), "ours_median_s": med(t_ours),
@@ -91,6 +100,12 @@ def main(argv=None) -> int:
                    "hf_frac_of_read_bound_median": med([f / t for f, t in zip(floor, t_hf)]),
                    "ours_effective_gbps_best": N * step_bytes / min(t_ours) / 1e9,
                    "hf_effective_gbps_best": N * step_bytes / min(t_hf) / 1e9}
+            for n, ts in extra.items():
+                row[f"hf_{n}thread_best_s"] = min(ts)
+                row[f"hf_{n}thread_median_s"] = med(ts)
+                row[f"speedup_vs_hf_{n}thread_best"] = min(ts) / min(t_ours)
+                print(f"batch {B}: HF with {n} torch thread(s): best {min(ts):.2f}s / median "
+                      f"{med(ts):.2f}s -> ours/HF best/best {min(ts) / min(t_ours):.2f}x")
             rows.append(row)
             print(f"batch {B}: ours best {min(t_ours):.2f}s / median {med(t_ours):.2f}s "
                   f"({row['ours_tok_s']:.1f} tok/s, {1e3 * min(t_ours) / N:.1f} ms/step) | HF best "
