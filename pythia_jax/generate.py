@@ -258,6 +258,24 @@ def _materialize(tree):
     return jax.lax.optimization_barrier(tree)
 
 
+def _decode_attention(q_BNH, k_BNH, v_BNH, k_BNHS, v_BNSH, slot, valid_BS, cdt):
+    """One new query per sequence: write its key/value at cache `slot`, attend over the valid
+    slots. Returns (o [B, N, H] in `cdt`, updated k_BNHS, updated v_BNSH)."""
+    H = q_BNH.shape[-1]
+    k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k_BNH[..., None].astype(k_BNHS.dtype),
+                                          (0, 0, 0, slot))
+    v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v_BNH[:, :, None].astype(v_BNSH.dtype),
+                                          (0, 0, slot, 0))
+    scores = jnp.einsum("bnh,bnhs->bns", q_BNH, k_BNHS.astype(cdt),
+                        preferred_element_type=jnp.float32) * (H ** -0.5)
+    scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
+    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - lse)
+    o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
+                   preferred_element_type=jnp.float32).astype(cdt)
+    return o, k_BNHS, v_BNSH
+
+
 def _decode_layer(cfg, p, x_B1D, cos, sin, k_BNHS, v_BNSH, slot, valid_BS):
     """One GPT-NeoX layer for one new token per row, with the per-layer cache.
 
@@ -278,17 +296,7 @@ def _decode_layer(cfg, p, x_B1D, cos, sin, k_BNHS, v_BNSH, slot, valid_BS):
     q = apply_rotary(qkv[:, :, :, 0], cos, sin)[:, 0]  # [B,N,H]
     k = apply_rotary(qkv[:, :, :, 1], cos, sin)[:, 0]
     v = qkv[:, 0, :, 2]
-    k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k[..., None].astype(k_BNHS.dtype),
-                                          (0, 0, 0, slot))
-    v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v[:, :, None].astype(v_BNSH.dtype),
-                                          (0, 0, slot, 0))
-    scores = jnp.einsum("bnh,bnhs->bns", q, k_BNHS.astype(cdt),
-                        preferred_element_type=jnp.float32) * (H ** -0.5)
-    scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
-    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - lse)
-    o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
-                   preferred_element_type=jnp.float32).astype(cdt)
+    o, k_BNHS, v_BNSH = _decode_attention(q, k, v, k_BNHS, v_BNSH, slot, valid_BS, cdt)
     B, N = o.shape[:2]
     attn_out = dense(o.reshape(B, 1, N * H), p["out_kernel"], p["out_bias"], "btk,kd->btd")
     if cfg.use_parallel_residual:
@@ -361,17 +369,7 @@ def _decode_layer_fm(cfg, p, x_DB, cos_RB, sin_RB, k_BNHS, v_BNSH, slot, valid_B
     q = _rotary_fm(qkv[:, 0], cos_RB, sin_RB).transpose(2, 0, 1)  # [B,N,H]
     k = _rotary_fm(qkv[:, 1], cos_RB, sin_RB).transpose(2, 0, 1)
     v = qkv[:, 2].transpose(2, 0, 1)
-    k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k[..., None].astype(k_BNHS.dtype),
-                                          (0, 0, 0, slot))
-    v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v[:, :, None].astype(v_BNSH.dtype),
-                                          (0, 0, slot, 0))
-    scores = jnp.einsum("bnh,bnhs->bns", q, k_BNHS.astype(cdt),
-                        preferred_element_type=jnp.float32) * (H ** -0.5)
-    scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
-    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - lse)
-    o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
-                   preferred_element_type=jnp.float32).astype(cdt)
+    o, k_BNHS, v_BNSH = _decode_attention(q, k, v, k_BNHS, v_BNSH, slot, valid_BS, cdt)
     attn_out = dense(o.reshape(B, N * H).T, p["out_kernel"], p["out_bias"])
     if cfg.use_parallel_residual:
         m = _ln_fm(x_DB, p["ln2_scale"], p["ln2_bias"], eps)
