@@ -785,8 +785,9 @@ class _GGUFSource:
         return self._tensors.keys()
 
     def get(self, key: str) -> np.ndarray:
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        cached = self._cache  # one read: the loader calls get() from several threads
+        if cached is not None and cached[0] == key:
+            return cached[1]
         t = self._tensors[key]
         Q = self._gguf.GGMLQuantizationType
         if t.tensor_type in (Q.F32, Q.F16):

@@ -377,11 +377,12 @@ def load_hf_state_dict(cfg: ModelConfig, src: _TensorSource, *, where: str, para
     for path, _ in it:
         if tuple(str(p) for p in path) not in by_param:
             raise AssertionError(f"no checkpoint tensor feeds parameter {'.'.join(map(str, path))}")
-    bar = _progress(len(it), "loading", progress)
     if mesh is None:
+        bar = _progress(len(names), "loading", progress)  # one tick per checkpoint tensor
         _fill_unsharded(it, by_param, src, param_dtype, bar)
         bar.close()
         return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    bar = _progress(len(it), "loading", progress)
 
     for path, var in it:
         spath = tuple(str(p) for p in path)
@@ -461,15 +462,21 @@ def _fill_unsharded(items, by_param, src: _TensorSource, param_dtype, bar) -> No
 
     workers = min(8, os.cpu_count() or 1)
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        for f in [pool.submit(run, j) for j in jobs]:
-            f.result()
+        futures = [pool.submit(run, j) for j in jobs]
+        try:
+            for f in cf.as_completed(futures):
+                f.result()
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
     cpu = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else None
     for var, buf in bufs:
         # On the CPU backend an aligned buffer is adopted as is (no copy); elsewhere this is the
         # one host-to-device transfer.
         var.set_value(jax.device_put(buf, cpu, may_alias=True) if cpu is not None
                       else jnp.asarray(buf))
-        bar.update(1)
 
 
 def _progress(total, desc, enabled):
