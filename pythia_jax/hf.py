@@ -451,13 +451,10 @@ def _fill_unsharded(items, by_param, src: _TensorSource, param_dtype, bar) -> No
         buf = _aligned_empty(shape, param_dtype)
         bufs.append((var, buf))
         for layer, kind, k in by_param[tuple(str(p) for p in path)]:
-            if layer is None:
-                jobs.append((buf, kind, k, shape))
-            else:
-                jobs.append((buf[layer], kind, k, shape[1:]))
+            jobs.append((buf if layer is None else buf[layer], kind, k))
 
     def run(job):
-        dst, kind, k, _ = job
+        dst, kind, k = job
         _copy_hf_into(dst, kind, src.get(k))
 
     workers = min(8, os.cpu_count() or 1)
