@@ -268,6 +268,22 @@ def _causal_q_first(j, bq, bk, offset):
 
 # ------------------------------------------------------------------------------------------------
 # Forward kernel
+def _causal_chunks(n: int, causal: bool, chunk, extent) -> None:
+    """Run `chunk(c, masked)` for the n compute chunks of a block. Under causal masking a chunk
+    whose keys all lie after its last query is skipped, one whose keys all lie at or before its
+    first query runs unmasked, and one crossing the diagonal runs masked. `extent(c)` gives
+    (first key column, key count, first query row, query count) of chunk c."""
+    for c in range(n):
+        if not causal:
+            chunk(c, False)
+            continue
+        col0, ncols, row0, nrows = extent(c)
+        needed = col0 <= row0 + (nrows - 1)
+        unmasked = col0 + (ncols - 1) <= row0
+        pl.when(needed & unmasked)(functools.partial(chunk, c, False))
+        pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
+
+
 def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
     if st.rotary:
         (q_ref, k_ref, v_ref, qc_ref, qs_ref, kc_ref, ks_ref,
@@ -310,15 +326,9 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
                              precision=prec)
         acc_sc[...] = acc_sc[...] * alpha[:, :1] + pv
 
-    for c in range(bk // bkc):
-        if st.causal:
-            col0 = j * bk + c * bkc
-            needed = col0 <= row0 + (bq - 1)
-            unmasked = col0 + (bkc - 1) <= row0
-            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
-            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
-        else:
-            chunk(c, False)
+    # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
+    _causal_chunks(bk // bkc, st.causal, chunk,
+                   lambda c: (j * bk + c * bkc, bkc, row0, bq))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -421,15 +431,9 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
                                       preferred_element_type=jnp.float32, precision=prec)
 
-    for c in range(bk // bkc):
-        if st.causal:
-            col0 = j * bk + c * bkc
-            needed = col0 <= row0 + (bq - 1)
-            unmasked = col0 + (bkc - 1) <= row0
-            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
-            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
-        else:
-            chunk(c, False)
+    # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
+    _causal_chunks(bk // bkc, st.causal, chunk,
+                   lambda c: (j * bk + c * bkc, bkc, row0, bq))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -526,15 +530,9 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
         dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, _NN,
                                       preferred_element_type=jnp.float32, precision=prec)
 
-    for c in range(bq // bqc):
-        if st.causal:
-            q0 = i * bq + c * bqc + st.offset
-            needed = col0 <= q0 + (bqc - 1)
-            unmasked = col0 + (bk - 1) <= q0
-            pl.when(needed & unmasked)(functools.partial(chunk, c, False))
-            pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
-        else:
-            chunk(c, False)
+    # query chunk c covers rows q0..q0+bqc-1 against key columns col0..col0+bk-1
+    _causal_chunks(bq // bqc, st.causal, chunk,
+                   lambda c: (col0, bk, i * bq + c * bqc + st.offset, bqc))
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
