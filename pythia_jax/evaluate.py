@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from pythia_jax.model import GPTNeoX
+from pythia_jax.progress import progress_bar
 
 __all__ = ["TokenScorer", "EvalDataError", "read_jsonl", "encode_pair", "lambada_requests",
            "evaluate_lambada", "evaluate_token_stream", "stream_windows", "TASKS",
@@ -151,17 +152,7 @@ class TokenScorer:
 
 
 def _bar(total, desc, enabled):
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc)
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
+    return progress_bar(total, desc, enabled)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pythia_jax.config import ConfigError, ModelConfig
+from pythia_jax.progress import progress_bar
 
 __all__ = ["export_gguf", "load_gguf", "read_gguf_config", "GGUFError", "EXPORT_TYPES",
            "DIRECT_TYPES", "LLAMA_CPP_TYPES", "READ_TYPES", "ARCH", "gguf_tensor_name"]
@@ -484,17 +485,7 @@ def _type_name(x) -> str:
 
 
 def _bar(total, desc, enabled):
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
+    return progress_bar(total, desc, enabled, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 # ------------------------------------------------------------------------------------------------

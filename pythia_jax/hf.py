@@ -32,6 +32,7 @@ from flax import nnx
 
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.model import GPTNeoX, abstract_model, dtype_of
+from pythia_jax.progress import progress_bar
 
 __all__ = ["from_pretrained", "save_pretrained", "CheckpointError", "hf_state_dict",
            "load_hf_state_dict", "SafetensorsFile", "write_safetensors", "HF_LEGACY_BUFFERS"]
@@ -477,17 +478,7 @@ def _fill_unsharded(items, by_param, src: _TensorSource, param_dtype, bar) -> No
 
 
 def _progress(total, desc, enabled):
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="tensor")
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
+    return progress_bar(total, desc, enabled, unit="tensor")
 
 
 # ------------------------------------------------------------------------------------------------
