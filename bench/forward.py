@@ -3,9 +3,9 @@
     JAX_PLATFORMS=cpu .venv/bin/python bench/forward.py [--shapes=1x512,8x128] [--repeats=7]
 
 Same random weights on both sides (our model saved with `save_pretrained`, loaded by
-`GPTNeoXForCausalLM.from_pretrained`). Ours is one jitted call returning [B, T, V] float32
-logits; HF's is `model(ids).logits` under `torch.inference_mode()`. Trials alternate
-ours/HF so load from other processes hits both alike; we report the best and the median.
+`GPTNeoXForCausalLM.from_pretrained`). Ours is `pythia_jax.forward(model, ids)`, one jitted
+call returning [B, T, V] float32 logits; HF's is `model(ids).logits` under
+`torch.inference_mode()`. Trials alternate ours/HF so load from other processes hits both alike; we report the best and the median.
 The bound: the best GFLOP/s of a plain 4096^3 fp32 matmul (jax and torch, both measured in
 this run). FLOPs per forward = `ModelConfig.flops_per_token(T)["forward"] * B * T`
 (2 x weight matmuls incl. the output layer, plus QK^T and PV without the causal discount).
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    import jax
     import torch
-    from flax import nnx
+
+    import pythia_jax
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     info = machine_info()
@@ -115,16 +115,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf, _ = build_pair(args.preset, tmp)
         cfg = ours.config
-        graphdef, params = nnx.split(ours)
-
-        @jax.jit
-        def fwd(params, ids):
-            return nnx.merge(graphdef, params)(ids)
+        fwd = pythia_jax.forward  # the public jitted forward: model(ids), compiled once per shape
 
         for B, T in shapes:
             ids = np.random.default_rng(B * 1000 + T).integers(0, 50000, (B, T), dtype=np.int32)
             tids = torch.from_numpy(ids.astype(np.int64))
-            logits = np.asarray(fwd(params, ids))  # compile + warm up
+            logits = np.asarray(fwd(ours, ids))  # compile + warm up
             with torch.inference_mode():
                 ref = hf(tids).logits.numpy()
             diff = float(np.abs(logits - ref).max())
@@ -133,7 +129,7 @@ def main(argv=None) -> int:
             t_ours, t_hf, bounds = [], [], []
             for _ in range(args.repeats):
                 bounds.append(measure_matmul_gflops(repeats=1)["best"])
-                t_ours += _timeit(lambda: fwd(params, ids).block_until_ready(), 1)
+                t_ours += _timeit(lambda: fwd(ours, ids).block_until_ready(), 1)
                 with torch.inference_mode():
                     t_hf += _timeit(lambda: hf(tids).logits, 1)
             ours_g = [flops / t / 1e9 for t in t_ours]

@@ -1,11 +1,11 @@
 """pythia-jax: EleutherAI's Pythia (GPT-NeoX) in JAX / Flax NNX."""
 
 from pythia_jax.config import PRESETS, ConfigError, ModelConfig, get_preset
-from pythia_jax.model import GPTNeoX, KVCache
+from pythia_jax.model import GPTNeoX, KVCache, forward
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "PRESETS", "ConfigError", "get_preset", "GPTNeoX", "KVCache",
+__all__ = ["ModelConfig", "PRESETS", "ConfigError", "get_preset", "GPTNeoX", "KVCache", "forward",
            "from_pretrained", "save_pretrained", "load_tokenizer", "__version__"]
 
 

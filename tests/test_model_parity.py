@@ -99,3 +99,49 @@ def test_bf16_compute_close_to_fp32_hf(tmp_path):
     # fp32 compute is far closer than bf16: the bf16 path really ran in bf16
     fp32_err = np.abs(np.asarray(model(ids)) - ref).max()
     assert fp32_err < 1e-4 < np.abs(ours - ref).max()
+
+
+def test_forward_is_compiled_model_call_and_reused_across_models(tmp_path):
+    """`pythia_jax.forward` = `model(ids)` (and matches transformers), one compile per shape,
+    shared by models of the same config without caching their weights."""
+    from pythia_jax.model import _forward_jit
+
+    hf = tiny_hf_model(seed=1, init_scale=0.1)
+    model = _load(tmp_path, hf)
+    ids = np.random.RandomState(0).randint(0, 128, size=(2, 17))
+    ref = hf_logits(hf, ids)
+    before = _forward_jit._cache_size()
+    got = np.asarray(pythia_jax.forward(model, ids))
+    assert np.abs(got - ref).max() <= 1e-4
+    np.testing.assert_allclose(got, np.asarray(model(ids)), atol=1e-6, rtol=0)
+    hidden = pythia_jax.forward(model, ids, return_hidden=True)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(model(ids, return_hidden=True)),
+                               atol=1e-6, rtol=0)
+    assert _forward_jit._cache_size() == before + 2  # logits and hidden: one compile each
+    # another model with the same config: same compiled function, its own weights
+    other = _load(tmp_path / "other", tiny_hf_model(seed=2, init_scale=0.1))
+    got2 = np.asarray(pythia_jax.forward(other, jnp.asarray(ids)))
+    assert _forward_jit._cache_size() == before + 2
+    np.testing.assert_allclose(got2, np.asarray(other(ids)), atol=1e-6, rtol=0)
+    assert np.abs(got2 - got).max() > 1e-3
+    # explicit positions are passed through (a shifted window gives other logits)
+    pos = np.broadcast_to(np.arange(5, 22), (2, 17))
+    np.testing.assert_allclose(np.asarray(pythia_jax.forward(model, ids, positions_BT=pos)),
+                               np.asarray(model(ids, positions_BT=pos)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ids, match", [
+    (np.arange(5), r"input_ids: expected shape \[batch, length\], got \(5,\)"),
+    (np.zeros((1, 3), np.float32), "input_ids: expected integer token ids, got dtype float32"),
+    (np.array([[1, 2, 128]]), r"input_ids: token id 128 is outside the vocabulary \[0, 128\)"),
+    (np.array([[-1, 2]]), r"input_ids: token id -1 is outside the vocabulary \[0, 128\)"),
+])
+def test_forward_rejects_bad_input(tmp_path, ids, match):
+    model = _load(tmp_path, tiny_hf_model(seed=1))
+    with pytest.raises(ValueError, match=match):
+        pythia_jax.forward(model, ids)
+
+
+def test_forward_rejects_a_non_model():
+    with pytest.raises(TypeError, match="model: expected a pythia_jax GPTNeoX, got dict"):
+        pythia_jax.forward({}, np.zeros((1, 2), np.int32))
