@@ -21,6 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
+from pythia_jax.cli import parse_model_flags  # noqa: E402
+
 TASKS = ("lambada_openai", "perplexity")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LAMBADA = os.path.join(os.path.dirname(_REPO), "shared", "data", "eval_data",
@@ -55,16 +57,9 @@ def _err(msg: str) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    FLAGS.unparse_flags()  # back to defaults (main() may be called more than once)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _err(str(e))
-    if len(rest) > 1:
-        return _err(f"unexpected arguments {rest[1:]} (flags are --name=value)")
-    if not FLAGS.model:
-        return _err("--model is required (an HF directory, hub id or pythia-jax checkpoint)")
+    error = parse_model_flags(FLAGS, argv)
+    if error:
+        return _err(error)
     if FLAGS.task not in TASKS:
         return _err(f"unknown task {FLAGS.task!r}: expected --task= one of {', '.join(TASKS)} "
                     "(other lm-evaluation-harness tasks: python -m pythia_jax.lm_eval_adapter)")

@@ -18,6 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
+from pythia_jax.cli import parse_model_flags  # noqa: E402
+
 FLAGS = flags.FlagValues()  # script-local: several scripts can be driven from one process
 flags.DEFINE_string("model", None, "HF dir / hub id / pythia-jax checkpoint / .gguf",
                     flag_values=FLAGS)
@@ -43,16 +45,9 @@ def _err(msg: str) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    FLAGS.unparse_flags()  # back to defaults (main() may be called more than once)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _err(str(e))
-    if len(rest) > 1:
-        return _err(f"unexpected arguments {rest[1:]} (flags are --name=value)")
-    if not FLAGS.model:
-        return _err("--model is required (an HF directory, hub id or pythia-jax checkpoint)")
+    error = parse_model_flags(FLAGS, argv)
+    if error:
+        return _err(error)
     if FLAGS.prompt is None or FLAGS.prompt == "":
         return _err("--prompt is empty: give the text to continue")
     if FLAGS.max_new_tokens < 1:

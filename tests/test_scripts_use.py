@@ -74,6 +74,10 @@ def test_generate_script_errors(export, capsys):
     assert rc == 2 and "no such directory" in err
     rc, _, err = _run("generate", ["--prompt=hi"], capsys)
     assert rc == 2 and "--model is required" in err
+    rc, _, err = _run("generate", [f"--model={d}", "--prompt=hi", "extra"], capsys)
+    assert rc == 2 and "generate: error: unexpected arguments ['extra']" in err
+    rc, _, err = _run("generate", [f"--model={d}", "--prompt=hi", "--nope=1"], capsys)
+    assert rc == 2 and "generate: error:" in err and "nope" in err
     rc, _, err = _run("generate", [f"--model={d}", "--prompt=hi", "--temperature=1",
                                    "--top_p=2"], capsys)
     assert rc == 2 and "top_p" in err
@@ -110,6 +114,10 @@ def test_evaluate_script_errors(export, capsys, tmp_path, shared_data):
     d, _ = export
     rc, _, err = _run("evaluate", [f"--model={d}", "--task=hellaswag"], capsys)
     assert rc == 2 and "unknown task 'hellaswag'" in err and "lambada_openai" in err
+    rc, _, err = _run("evaluate", ["--task=lambada_openai"], capsys)
+    assert rc == 2 and "evaluate: error: --model is required" in err
+    rc, _, err = _run("evaluate", [f"--model={d}", "lambada_openai"], capsys)
+    assert rc == 2 and "evaluate: error: unexpected arguments ['lambada_openai']" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b"}\nnot json\n')
     rc, _, err = _run("evaluate", [f"--model={d}", "--task=lambada_openai", f"--data={bad}"],
