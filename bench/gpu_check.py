@@ -10,7 +10,11 @@
    compute with attention_impl="cudnn" against "xla": max |logit diff| and top-1 agreement.
 3. Generation: greedy, a batch of four prompts of different lengths, 32 new tokens, fp32: ours
    against transformers' `generate(do_sample=False)` token for token.
-4. Training step (`train.make_train_step` on `configs/pythia.py:<size>`: bf16 compute, fp32
+4. Inference speed, pythia-160m and pythia-410m shapes, bf16 weights and compute on both sides:
+   `pythia_jax.forward` (cuDNN attention) against HF's `model(ids).logits` (SDPA), 8 x 512
+   tokens; greedy `pythia_jax.generate` against HF `generate(do_sample=False)`, 32-token
+   prompts, 128 new tokens, batch 1 and 8 (median wall time of a few calls after a warm-up).
+5. Training step (`train.make_train_step` on `configs/pythia.py:<size>`: bf16 compute, fp32
    master weights and AdamW state, scanned layers, the config's remat, cuDNN attention through
    `auto`) at batch x 2048 tokens: seconds per step, tokens/s, achieved TFLOP/s with the model
    FLOPs (`ModelConfig.flops_per_token`: 6N + attention) and the fraction of a plain bf16 8192^3
@@ -118,7 +122,7 @@ def check_model_and_generation(preset="pythia-160m", device="cuda"):
         ref = hf(torch.from_numpy(ids.astype(np.int64)).to(device)).logits.float().cpu().numpy()
     _log("hf forward done")
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(jax.jit(lambda m, x: m(x))(ours, ids))
+        got = np.asarray(pythia_jax.forward(ours, ids))
     _log("our fp32 forward done")
     out["fp32_max_abs_logit_diff_vs_hf"] = float(np.abs(got - ref).max())
     out["fp32_logit_scale"] = float(np.abs(ref).max())
@@ -128,7 +132,7 @@ def check_model_and_generation(preset="pythia-160m", device="cuda"):
     for impl in (("cudnn", "xla") if device == "cuda" else ("xla",)):
         c = dataclasses.replace(cfg, dtype="bfloat16", attention_impl=impl)
         m = nnx.merge(nnx.graphdef(GPTNeoX(c, rngs=nnx.Rngs(0))), params)
-        logits[impl] = np.asarray(jax.jit(lambda m, x: m(x))(m, ids))
+        logits[impl] = np.asarray(pythia_jax.forward(m, ids))
     _log("bf16 forwards done")
     if "cudnn" in logits:
         out["bf16_cudnn_vs_xla_max_abs_logit_diff"] = float(
@@ -155,6 +159,69 @@ def check_model_and_generation(preset="pythia-160m", device="cuda"):
         [x == y for a, b in zip(mine, theirs) for x, y in zip(a, b)]))
     print(json.dumps(out), flush=True)
     return out
+
+
+def _median_s(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def inference_speed(preset: str, reps: int = 5, device="cuda"):
+    """bf16 on both sides: forward logits and greedy generation, ours vs transformers."""
+    import torch
+    from flax import nnx
+    from transformers import GPTNeoXForCausalLM
+
+    import pythia_jax
+    from pythia_jax.config import get_preset
+    from pythia_jax.model import GPTNeoX
+    cfg = get_preset(preset, param_dtype="bfloat16", dtype="bfloat16",
+                     attention_impl="cudnn" if device == "cuda" else "xla")
+    ours = GPTNeoX(cfg, rngs=nnx.Rngs(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        pythia_jax.save_pretrained(ours, tmp, tokenizer=False)
+        hf = GPTNeoXForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    row = {"preset": preset}
+    ids = np.random.default_rng(0).integers(0, 50000, (8, 512), dtype=np.int32)
+    tids = torch.from_numpy(ids.astype(np.int64)).to(device)
+
+    def hf_fwd():
+        with torch.inference_mode():
+            hf(tids).logits
+        sync()
+    row["forward_8x512_ours_ms"] = 1e3 * _median_s(
+        lambda: pythia_jax.forward(ours, ids).block_until_ready(), reps)
+    row["forward_8x512_hf_ms"] = 1e3 * _median_s(hf_fwd, reps)
+    rng = np.random.default_rng(1)
+    for b in (1, 8):
+        prompts = rng.integers(0, 50000, (b, 32)).tolist()
+        tp = torch.tensor(prompts, device=device)
+
+        def ours_gen():
+            return pythia_jax.generate(ours, prompts, 128)
+
+        def hf_gen():
+            with torch.inference_mode():
+                g = hf.generate(tp, attention_mask=torch.ones_like(tp), max_new_tokens=128,
+                                min_new_tokens=128, do_sample=False, pad_token_id=0)
+            sync()
+            return g
+        row[f"generate_b{b}_ours_s"] = _median_s(ours_gen, max(2, reps // 2))
+        row[f"generate_b{b}_hf_s"] = _median_s(hf_gen, max(2, reps // 2))
+        mine, theirs = ours_gen(), hf_gen()[:, 32:].tolist()
+        row[f"generate_b{b}_token_agreement"] = float(np.mean(
+            [x == y for a, t in zip(mine, theirs) for x, y in zip(a, t)]))
+    for k in ("forward_8x512", "generate_b1", "generate_b8"):
+        u = "ms" if k.startswith("forward") else "s"
+        row[f"{k}_speedup"] = row[f"{k}_hf_{u}"] / row[f"{k}_ours_{u}"]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def train_throughput(size: str, batch: int, steps: int, peak_mm: float, peak_nominal):
@@ -202,7 +269,9 @@ def main(argv=None):
     ap.add_argument("--sizes", default="160m,410m,1b")
     ap.add_argument("--batch", default="16,16,8", help="sequences per step, one per size")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: attention,model,train")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: attention,model,inference,train")
+    ap.add_argument("--inference_sizes", default="pythia-160m,pythia-410m")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     faulthandler.dump_traceback_later(int(os.environ.get("GPU_CHECK_STACK_AFTER", "240")), repeat=True)  # where a stuck part is stuck
@@ -220,6 +289,8 @@ def main(argv=None):
         res["attention"] = check_attention()
     if "model" not in skip:
         res["model"] = check_model_and_generation()
+    if "inference" not in skip:
+        res["inference"] = [inference_speed(p) for p in args.inference_sizes.split(",")]
     if "train" not in skip:
         res["train"] = []
         batches = [int(x) for x in args.batch.split(",")]
