@@ -161,16 +161,6 @@ def check_model_and_generation(preset="pythia-160m", device="cuda"):
     return out
 
 
-def _median_s(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def inference_speed(preset: str, reps: int = 5, device="cuda"):
     """bf16 on both sides: forward logits and greedy generation, ours vs transformers."""
     import torch
@@ -195,9 +185,9 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
         with torch.inference_mode():
             hf(tids).logits
         sync()
-    row["forward_8x512_ours_ms"] = 1e3 * _median_s(
-        lambda: pythia_jax.forward(ours, ids).block_until_ready(), reps)
-    row["forward_8x512_hf_ms"] = 1e3 * _median_s(hf_fwd, reps)
+    row["forward_8x512_ours_ms"] = 1e3 * _bench(
+        lambda: pythia_jax.forward(ours, ids), iters=reps)
+    row["forward_8x512_hf_ms"] = 1e3 * _bench(hf_fwd, iters=reps)
     rng = np.random.default_rng(1)
     for b in (1, 8):
         prompts = rng.integers(0, 50000, (b, 32)).tolist()
@@ -212,8 +202,8 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
                                 min_new_tokens=128, do_sample=False, pad_token_id=0)
             sync()
             return g
-        row[f"generate_b{b}_ours_s"] = _median_s(ours_gen, max(2, reps // 2))
-        row[f"generate_b{b}_hf_s"] = _median_s(hf_gen, max(2, reps // 2))
+        row[f"generate_b{b}_ours_s"] = _bench(ours_gen, iters=max(2, reps // 2))
+        row[f"generate_b{b}_hf_s"] = _bench(hf_gen, iters=max(2, reps // 2))
         mine, theirs = ours_gen(), hf_gen()[:, 32:].tolist()
         row[f"generate_b{b}_token_agreement"] = float(np.mean(
             [x == y for a, t in zip(mine, theirs) for x, y in zip(a, t)]))
