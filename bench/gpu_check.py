@@ -42,26 +42,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from attention import _time  # noqa: E402  (median of timed calls after two warm-ups)
+
 #: Nominal dense bf16 TFLOP/s (no sparsity) by device_kind substring.
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def _bench(f, *args, iters=10):
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def matmul_tflops(n=8192):
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: x @ y)
-    return 2 * n ** 3 / _bench(f, a, b, iters=20) / 1e12
+    return 2 * n ** 3 / _time(f, (a, b), 20) / 1e12
 
 
 def check_attention():
@@ -185,9 +177,9 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
         with torch.inference_mode():
             hf(tids).logits
         sync()
-    row["forward_8x512_ours_ms"] = 1e3 * _bench(
-        lambda: pythia_jax.forward(ours, ids), iters=reps)
-    row["forward_8x512_hf_ms"] = 1e3 * _bench(hf_fwd, iters=reps)
+    row["forward_8x512_ours_ms"] = 1e3 * _time(
+        lambda: pythia_jax.forward(ours, ids), (), reps)
+    row["forward_8x512_hf_ms"] = 1e3 * _time(hf_fwd, (), reps)
     rng = np.random.default_rng(1)
     for b in (1, 8):
         prompts = rng.integers(0, 50000, (b, 32)).tolist()
@@ -202,8 +194,8 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
                                 min_new_tokens=128, do_sample=False, pad_token_id=0)
             sync()
             return g
-        row[f"generate_b{b}_ours_s"] = _bench(ours_gen, iters=max(2, reps // 2))
-        row[f"generate_b{b}_hf_s"] = _bench(hf_gen, iters=max(2, reps // 2))
+        row[f"generate_b{b}_ours_s"] = _time(ours_gen, (), max(2, reps // 2))
+        row[f"generate_b{b}_hf_s"] = _time(hf_gen, (), max(2, reps // 2))
         mine, theirs = ours_gen(), hf_gen()[:, 32:].tolist()
         row[f"generate_b{b}_token_agreement"] = float(np.mean(
             [x == y for a, t in zip(mine, theirs) for x, y in zip(a, t)]))
