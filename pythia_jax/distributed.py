@@ -19,12 +19,24 @@ metadata); logs, metrics and the final sample come from process 0 (`is_main_proc
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 
 import jax
+from jax._src import distributed as _jax_distributed  # the state of an initialization under way
 
-__all__ = ["initialize", "is_main_process", "cluster_env"]
+__all__ = ["initialize", "is_main_process", "cluster_env", "INIT_TIMEOUT_S",
+           "INIT_TIMEOUT_EXIT_STATUS"]
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+#: How long (seconds) a process waits for all the others to join the coordinator.
+INIT_TIMEOUT_S = 300
+#: The exit status when they did not (the run never started; nothing to save).
+INIT_TIMEOUT_EXIT_STATUS = 3
+# JAX aborts the process (a C++ fatal error, no Python exception) at its own
+# initialization_timeout; it gets this much longer so that our clear message comes first.
+_JAX_TIMEOUT_MARGIN_S = 30
 
 
 def cluster_env() -> dict | None:
@@ -41,13 +53,58 @@ def cluster_env() -> dict | None:
             "process_id": int(vals["JAX_PROCESS_ID"])}
 
 
+def _describe() -> str:
+    """'process I of N, coordinator HOST:PORT' of the initialization under way."""
+    st = _jax_distributed.global_state
+    n = getattr(st, "num_processes", None)
+    return (f"process {getattr(st, 'process_id', '?')} of {n}, coordinator "
+            f"{getattr(st, 'coordinator_address', None) or '?'}"
+            + (f" (waiting for the other {n - 1})" if isinstance(n, int) else ""))
+
+
+def _start(timeout_s: float, **kwargs) -> None:
+    """jax.distributed.initialize(**kwargs), or a one-line error and exit status
+    INIT_TIMEOUT_EXIT_STATUS when the processes have not all joined within `timeout_s`.
+
+    SIGTERM is handed back to Python afterwards: JAX's preemption notifier takes the signal
+    over with a C handler that only records it, so a SIGTERM before the training loop (which
+    installs its own handler) would be swallowed and the process would not stop."""
+    timeout_s = float(timeout_s)
+    if timeout_s <= 0:
+        raise ValueError(f"initialize: timeout_s must be positive, got {timeout_s}")
+
+    def give_up():
+        print(f"error: jax.distributed: {_describe()}: not all processes joined within "
+              f"{timeout_s:g} s (distributed.initialize timeout_s; --distributed_timeout in "
+              "scripts/train.py). Check that every worker runs the same command and can reach "
+              "the coordinator.", file=sys.stderr, flush=True)
+        os._exit(INIT_TIMEOUT_EXIT_STATUS)
+
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(
+            initialization_timeout=int(timeout_s + 0.999) + _JAX_TIMEOUT_MARGIN_S, **kwargs)
+    finally:
+        timer.cancel()
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = True) -> bool:
+               process_id: int | None = None, *, auto: bool = True,
+               timeout_s: float = INIT_TIMEOUT_S) -> bool:
     """Start jax.distributed if this run spans several processes. Returns True if it did
     (or it already was). Must run before the first use of `jax.devices()` / any computation.
 
     Explicit arguments, then the JAX_* environment variables above, then (with `auto`) JAX's
     cluster auto-detection (Cloud TPU, SLURM, …). Without any of them: single process, False.
+    A process that has not met all the others within `timeout_s` seconds (a worker that never
+    came up, a wrong coordinator address) prints one line naming the coordinator, this
+    process and the process count, and exits with INIT_TIMEOUT_EXIT_STATUS instead of hanging.
     """
     if jax.distributed.is_initialized():
         return True
@@ -65,12 +122,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             return False
         # CPU devices of different processes talk over gloo (harmless for TPU / GPU runs).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(**explicit)
+        n, i = explicit["num_processes"], explicit["process_id"]
+        if not 0 <= i < n:
+            raise ValueError(f"multi-process run: process id {i} is not in 0..{n - 1} "
+                             f"(JAX_PROCESS_ID / JAX_NUM_PROCESSES)")
+        _start(timeout_s, **explicit)
         return True
     if not auto:
         return False
     try:
-        jax.distributed.initialize()
+        _start(timeout_s)
     except ValueError as e:  # no cluster detected: a plain single-process run
         if "coordinator_address" in str(e):
             return False

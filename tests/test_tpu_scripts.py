@@ -168,7 +168,7 @@ def test_setup_copies_committed_tree_and_installs_on_all_workers(stub):
     assert ssh[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pythia"] and "--worker=all" in ssh
     cmd = next(a for a in ssh if a.startswith("--command="))
     assert "tar -xzf pythia-jax.tar.gz -C pythia-jax" in cmd
-    assert "uv venv" in cmd and "--python 3.11" in cmd and "-e '.[tpu]'" in cmd
+    assert "uv venv" in cmd and "--python 3.11" in cmd and "-e '.[tpu,gcs]'" in cmd
 
 
 def test_launch_runs_train_py_on_every_worker_distributed(stub, tmp_path):
@@ -254,3 +254,121 @@ def test_watch_relaunches_crashed_training_on_healthy_slice(stub):
     launches = [c for c in stub.mutating() if any("scripts/train.py" in a for a in c)]
     assert len(launches) == 1
     assert not any(c[3] in ("create", "delete") for c in stub.mutating())
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption: train.py's exit status decides (0 finished, 75 preempted, else failed), and a
+# relaunch starts only after the old train.py has exited (its checkpoint save is complete).
+PREEMPTED = 75  # pythia_jax.train.PREEMPTED_EXIT_STATUS
+
+
+def _launches(stub):
+    return [c for c in stub.mutating() if any("scripts/train.py" in a for a in c)]
+
+
+def test_preempted_code_matches_train_py():
+    from pythia_jax.train import PREEMPTED_EXIT_STATUS
+    assert PREEMPTED_EXIT_STATUS == PREEMPTED
+    assert f"PREEMPTED_EXIT_STATUS={PREEMPTED}\n" in (TPU / "common.sh").read_text()
+
+
+def test_watch_relaunches_preempted_run_and_stops_when_finished(stub):
+    stub.queue("qr_states", ["ACTIVE"])
+    stub.queue("train_status", ["RUNNING", f"EXITED {PREEMPTED}", "RUNNING", "EXITED 0"])
+    r = stub.run("watch.sh", "--config=configs/pythia.py:70m", "--workdir=gs://b/r",
+                 ACCELERATOR_TYPE="v5e-8", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"train.py was preempted (exit {PREEMPTED}" in r.stderr
+    assert "train.py finished (exit 0)" in r.stderr
+    assert len(_launches(stub)) == 1  # relaunched once, not after the finish
+    assert not any(c[3] in ("create", "delete") for c in stub.mutating())
+
+
+def test_watch_does_not_relaunch_a_finished_run(stub):
+    stub.queue("qr_states", ["ACTIVE"])
+    stub.queue("train_status", ["RUNNING", "EXITED 0"])
+    r = stub.run("watch.sh", "--config=configs/pythia.py:70m", "--workdir=gs://b/r",
+                 ACCELERATOR_TYPE="v5e-8", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _launches(stub) == [] and "restart" not in r.stderr
+
+
+def test_watch_relaunches_a_failing_run_up_to_max_restarts(stub):
+    stub.queue("qr_states", ["ACTIVE"])
+    stub.queue("train_status", ["RUNNING", "EXITED 1"])  # fails every time (the last sticks)
+    r = stub.run("watch.sh", "--config=configs/pythia.py:70m", "--workdir=gs://b/r",
+                 ACCELERATOR_TYPE="v5e-8", MAX_RESTARTS="3", timeout=60)
+    assert r.returncode != 0 and "gave up after 3 restarts" in r.stderr, r.stderr
+    assert len(_launches(stub)) == 3
+    assert r.stderr.count("train.py is not running (EXITED 1)") == 3
+
+
+# A stand-in for train.py on each fake worker: on SIGTERM it takes a while to "save", then exits
+# 75. At its start it records whether the previous one had already finished its save.
+SLOW_TRAIN = r'''#!/usr/bin/env bash
+n=$(( $(cat runs 2>/dev/null || echo 0) + 1 )); echo "$n" > runs
+if [[ -f saved ]]; then echo yes > "run$n.after_save"; else echo no > "run$n.after_save"; fi
+rm -f saved
+on_term() { echo "$n" >> terms; sleep SAVE_SECONDS; echo "$n" > saved; exit 75; }
+trap on_term TERM
+TRAP_IGNORE
+echo started > "run$n.started"
+while true; do sleep 0.1; done
+'''
+
+
+def _fake_train(stub, save_seconds="2", ignore_term=False):
+    for i in range(2):
+        venv = stub.dir / f"worker{i}" / "pythia-jax" / ".venv" / "bin"
+        venv.mkdir(parents=True)
+        py = venv / "python"
+        py.write_text(SLOW_TRAIN.replace("SAVE_SECONDS", save_seconds)
+                      .replace("TRAP_IGNORE", "trap '' TERM" if ignore_term else ""))
+        py.chmod(0o755)
+
+
+def _wait_for(path, timeout=30):
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} did not appear"
+
+
+def test_launch_waits_until_the_running_train_py_has_saved_and_exited(stub):
+    _fake_train(stub, save_seconds="2")
+    args = ["--config=configs/pythia.py:70m", "--workdir=gs://b/r"]
+    r = stub.run("launch.sh", *args, STUB_EXEC="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    homes = [stub.dir / f"worker{i}" / "pythia-jax" for i in range(2)]
+    for h in homes:
+        _wait_for(h / "run1.started")
+    r = stub.run("launch.sh", *args, STUB_EXEC="1")  # relaunch while run 1 is going
+    assert r.returncode == 0, r.stdout + r.stderr
+    for h in homes:
+        _wait_for(h / "run2.started")
+        assert (h / "terms").read_text().split()[0] == "1"  # run 1 got SIGTERM ...
+        assert (h / "run2.after_save").read_text().strip() == "yes"  # ... run 2 began after
+        assert (h / "run1.after_save").read_text().strip() == "no"
+    assert r.stdout.count(f"previous train.py ended (exit {PREEMPTED})") == 2, r.stdout
+    assert "killing it" not in r.stdout + r.stderr
+    # run.sh records run 2's status once it ends (SIGTERM -> "save" -> 75), not the shell's
+    for h in homes:
+        os.killpg(int((h / "logs" / "train.pid").read_text()), 15)
+        _wait_for(h / "logs" / "train.exit")
+        assert (h / "logs" / "train.exit").read_text().strip() == str(PREEMPTED)
+
+
+def test_launch_kills_a_train_py_that_does_not_stop_within_stop_timeout(stub):
+    _fake_train(stub, ignore_term=True)
+    args = ["--config=configs/pythia.py:70m", "--workdir=gs://b/r"]
+    assert stub.run("launch.sh", *args, STUB_EXEC="1").returncode == 0
+    homes = [stub.dir / f"worker{i}" / "pythia-jax" for i in range(2)]
+    for h in homes:
+        _wait_for(h / "run1.started")
+    r = stub.run("launch.sh", *args, STUB_EXEC="1", STOP_TIMEOUT="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("still running 1s after SIGTERM (STOP_TIMEOUT); killing it") == 2
+    for h in homes:
+        _wait_for(h / "run2.started")
+        os.killpg(int((h / "logs" / "train.pid").read_text()), 9)
+    assert stub.run("launch.sh", *args, STOP_TIMEOUT="soon").returncode != 0

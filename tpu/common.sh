@@ -11,6 +11,8 @@
 #   PROVISIONING      spot | reserved | on-demand (default: spot)
 #   REMOTE_DIR        project directory on every worker (default: pythia-jax, relative to ~)
 #   POLL_SECONDS      how often create.sh / watch.sh poll (default: 30)
+#   STOP_TIMEOUT      launch.sh: seconds a running train.py gets to save and exit after SIGTERM
+#                     before it is killed (default: 900)
 
 set -euo pipefail
 
@@ -29,6 +31,10 @@ PROVISIONING="${PROVISIONING:-spot}"
 REMOTE_DIR="${REMOTE_DIR:-pythia-jax}"
 POLL_SECONDS="${POLL_SECONDS:-30}"
 GCLOUD="${GCLOUD:-gcloud}"
+STOP_TIMEOUT="${STOP_TIMEOUT:-900}"
+# scripts/train.py's exit status after a preemption save (pythia_jax.train.PREEMPTED_EXIT_STATUS).
+# shellcheck disable=SC2034
+PREEMPTED_EXIT_STATUS=75
 
 die() {
   echo "error: $*" >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the project on every worker: copy the committed tree (git archive HEAD), then make a
-# Python 3.11 virtual environment with uv and `pip install -e '.[tpu]'`.
+# Python 3.11 virtual environment with uv and `pip install -e '.[tpu,gcs]'`.
 #
 #   tpu/setup.sh                 # the current checkout's HEAD
 #   REF=my-branch tpu/setup.sh   # another commit / branch / tag
@@ -26,7 +26,7 @@ tar -xzf pythia-jax.tar.gz -C ${REMOTE_DIR}
 cd ${REMOTE_DIR}
 python3 -m pip install --user --quiet uv
 ~/.local/bin/uv venv --quiet --allow-existing --python ${PY_VERSION} .venv
-~/.local/bin/uv pip install --quiet --python .venv/bin/python -e '.[tpu]'
+~/.local/bin/uv pip install --quiet --python .venv/bin/python -e '.[tpu,gcs]'
 .venv/bin/python -c 'import jax, pythia_jax; print(jax.__version__, jax.device_count(), "devices on", jax.process_count(), "hosts")' || true
 REMOTE
 )"

@@ -2,8 +2,9 @@
 # Keep a training run going through preemptions: start it, and whenever the slice is preempted
 # (queued resource SUSPENDED / FAILED, node PREEMPTED) delete it, request it again, reinstall,
 # and relaunch. train.py resumes from the newest checkpoint in --workdir, so the workdir must be
-# on shared storage (gs://…). A train.py that exits non-zero on a healthy slice is relaunched
-# too, up to MAX_RESTARTS times; exit 0 on worker 0 ends the watch.
+# on shared storage (gs://…). On a healthy slice, train.py's exit status on worker 0 decides:
+# 0 (finished) ends the watch; 75 (preempted: SIGTERM, checkpoint saved) relaunches it; any other
+# status (failed) relaunches it too. Every relaunch and re-creation counts against MAX_RESTARTS.
 #
 #   TPU_NAME=… ZONE=… ACCELERATOR_TYPE=v5p-64 tpu/watch.sh \
 #       --config=configs/pythia.py:1b --workdir=gs://my-bucket/pythia-1b
@@ -13,12 +14,13 @@ require TPU_NAME ZONE ACCELERATOR_TYPE
 [[ $# -gt 0 ]] || die "watch.sh: pass train.py's flags (as for launch.sh)"
 MAX_RESTARTS="${MAX_RESTARTS:-100}"
 
-# RUNNING | EXITED <status> | NONE, from worker 0.
+# RUNNING | EXITED <status> | NONE, from worker 0 (RUNNING while any process of the run's
+# process group is alive: train.py saving after SIGTERM counts as running).
 train_status() {
   local out
   out="$(on_workers 0 "cd ${REMOTE_DIR} 2>/dev/null || { echo NONE; exit 0; }
-if [[ -f logs/train.exit ]]; then echo \"EXITED \$(cat logs/train.exit)\"
-elif [[ -f logs/train.pid ]] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then echo RUNNING
+if [[ -f logs/train.pid ]] && kill -0 -- \"-\$(cat logs/train.pid)\" 2>/dev/null; then echo RUNNING
+elif [[ -f logs/train.exit ]]; then echo \"EXITED \$(cat logs/train.exit)\"
 else echo NONE; fi" 2>/dev/null | tail -n 1)" || out="UNREACHABLE"
   echo "${out:-UNREACHABLE}"
 }
@@ -64,6 +66,10 @@ while true; do
           "EXITED 0")
             log "train.py finished (exit 0); the slice is still up: tpu/delete.sh to release it"
             exit 0
+            ;;
+          "EXITED ${PREEMPTED_EXIT_STATUS}")
+            restart "train.py was preempted (exit ${PREEMPTED_EXIT_STATUS}: SIGTERM, checkpoint saved); relaunching"
+            "${TPU_DIR}/launch.sh" "$@"
             ;;
           *)
             restart "train.py is not running (${status})"

@@ -1,7 +1,9 @@
 """Training data: Megatron/NeoX indexed datasets, Pythia's step order, NeoX v1.0 sample index,
 tokenization into indexed datasets, shard tools and the host input pipeline.
 
-See `docs/data.md` for the how-to. The pipeline (`make_global_batch`, `BatchIterator`) is
+Token data is opened by `MMapIndexedDataset(prefix)` alone: a local or `gs://` prefix, its
+`.bin` one file or Pythia's byte shards read in place (`data.source`). See `docs/data.md` for
+the how-to. The pipeline (`make_global_batch`, `BatchIterator`) is
 imported lazily: it pulls in grain.
 """
 

@@ -13,8 +13,11 @@ Layout (reference doc section 4.1; all little-endian)::
            34+12N    int64    doc_idx[M]    first item of each document, then N
     .bin  the items' tokens back to back, no header
 
-`MMapIndexedDataset` memory-maps both files; every accessor returns a read-only view into the
-`.bin` mapping (zero copy). `MMapIndexedDatasetBuilder` writes files byte-identical to
+`MMapIndexedDataset(prefix)` is the one opener of token data in the project: `prefix` may be
+local or a `gs://` URL, and its `.bin` one file or Pythia's byte shards read in place
+(`data.source`). Local files are memory-mapped and every accessor returns a read-only view into
+the mapping (zero copy; a range that crosses a shard boundary is joined into a fresh array); in
+a bucket the `.idx` is read once at open and each accessor is one ranged read per file touched. `MMapIndexedDatasetBuilder` writes files byte-identical to
 GPT-NeoX's builder, to temporary names that are renamed into place only when complete.
 
 Every inconsistency (wrong magic, unknown version or dtype code, a truncated file, an index out
@@ -30,6 +33,10 @@ from array import array
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from pythia_jax.data.errors import IndexedDatasetError, IndexedDatasetIndexError
+from pythia_jax.data.source import (Layout, TokenBytes, check_total_size, dataset_exists, locate,
+                                    read_index, verify_hashes)
 
 __all__ = [
     "MMapIndexedDataset",
@@ -61,14 +68,6 @@ DTYPES: dict[int, np.dtype] = {
     7: np.dtype(np.float64),
     8: np.dtype(np.uint16),
 }
-
-
-class IndexedDatasetError(ValueError):
-    """A `.bin`/`.idx` pair that cannot be read as asked (bad header, truncated, bad request)."""
-
-
-class IndexedDatasetIndexError(IndexedDatasetError, IndexError):
-    """An item, document or step index outside the dataset (also an `IndexError`)."""
 
 
 def dtype_code(dtype) -> int:
@@ -117,13 +116,18 @@ class MMapIndexedDataset:
     - `ds.num_docs`, `ds.document_items(d)`, `ds.document_token_range(d)`, `ds.get_document(d)`;
     - `ds.sizes` (int32), `ds.pointers` (int64), `ds.doc_idx` (int64), `ds.dtype`, `ds.num_tokens`.
 
-    Opening reads only the 34-byte header and checks it against both file sizes, so it is O(1)
-    even for the 300B-token Pile; `validate()` does the full O(N) consistency check.
+    Opening a local dataset maps the `.idx` and checks its header against the file sizes, so it
+    is O(1) even for the 300B-token Pile (a bucket's `.idx` is read into memory once);
+    `validate()` does the full O(N) consistency check. `hashes`: a hash list (`unshard`'s
+    format) to check every `.bin` file / shard against at open (`verify`). `layout` says where
+    the files are, `token_bytes.requests` counts the ranged reads sent to a bucket.
     """
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, *, hashes=None):
         self._prefix = split_prefix(prefix)
         self._open()
+        if hashes is not None:
+            self.verify(hashes)
 
     # -- pickling (grain / multiprocessing workers re-open the maps) ---------------------------
     def __getstate__(self):
@@ -134,14 +138,11 @@ class MMapIndexedDataset:
         self._open()
 
     def _open(self) -> None:
-        idx_path, bin_path = self.idx_path, self.bin_path
-        for p in (idx_path, bin_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p}: no such file (an indexed dataset needs both "
-                                        f"{os.path.basename(self._prefix)}.bin and .idx)")
-        idx_size = os.path.getsize(idx_path)
-        with open(idx_path, "rb") as f:
-            head = f.read(HEADER_SIZE)
+        layout = locate(self._prefix)  # FileNotFoundError / ShardError naming the missing file
+        self._layout = layout
+        idx_path, idx_size = layout.idx, layout.idx_size
+        buf = read_index(layout)
+        head = bytes(buf[:HEADER_SIZE])
         if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
             found = head[: len(MAGIC)]
             hint = (" (that is the old non-mmap 'cached' Megatron format, not supported)"
@@ -166,13 +167,11 @@ class MMapIndexedDataset:
                 f"needs exactly {expect} bytes, found {idx_size}"
                 + (" (truncated)" if idx_size < expect else " (trailing bytes)"))
         self._n, self._m = int(n), int(m)
-        self._idx_map = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        buf = self._idx_map
+        self._idx_map = buf
         self._sizes = np.frombuffer(buf, dtype="<i4", count=n, offset=HEADER_SIZE)
         self._pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=HEADER_SIZE + 4 * n)
         self._doc_idx = np.frombuffer(buf, dtype="<i8", count=m, offset=HEADER_SIZE + 12 * n)
 
-        self._bin_size = os.path.getsize(bin_path)
         itemsize = self._dtype.itemsize
         if n:
             last_ptr, last_size = int(self._pointers[-1]), int(self._sizes[-1])
@@ -183,22 +182,13 @@ class MMapIndexedDataset:
             need = last_ptr + last_size * itemsize
         else:
             need = 0
-        if self._bin_size != need:
-            raise IndexedDatasetError(
-                f"{bin_path}: size mismatch: the index ({n} items of {self._dtype}) says the data "
-                f"ends at byte {need}, found a file of {self._bin_size} bytes"
-                + (" (truncated: incomplete download or unshard?)" if self._bin_size < need
-                   else " (trailing bytes)"))
+        check_total_size(layout, need, f"{idx_path} ({n} items of {self._dtype})")
+        self._bin_size = layout.bin_size
         if m and (int(self._doc_idx[0]) != 0 or not 0 <= int(self._doc_idx[-1]) <= n):
             raise IndexedDatasetError(
                 f"{idx_path}: corrupt doc_idx: expected it to start at 0 and end at most at "
                 f"N={n}, found first {int(self._doc_idx[0])}, last {int(self._doc_idx[-1])}")
-        if self._bin_size:
-            self._bin_map = np.memmap(bin_path, dtype=np.uint8, mode="r")
-            self._bin_buffer = self._bin_map
-        else:  # mmap of an empty file is an error
-            self._bin_map = None
-            self._bin_buffer = np.zeros(0, np.uint8)
+        self._bytes = TokenBytes(layout)
 
     # -- basic properties -----------------------------------------------------------------------
     @property
@@ -207,11 +197,27 @@ class MMapIndexedDataset:
 
     @property
     def bin_path(self) -> str:
-        return self._prefix + ".bin"
+        """`prefix.bin`, or for shards read in place `prefix-{00000..000NN}-of-000NN.bin`."""
+        return self._layout.bin_name
+
+    @property
+    def layout(self) -> Layout:
+        """Where the files are (`source.Layout`: the `.idx`, the `.bin` or its shards)."""
+        return self._layout
+
+    @property
+    def token_bytes(self) -> TokenBytes:
+        """The `.bin` byte stream (`requests` counts ranged reads sent to a bucket)."""
+        return self._bytes
 
     @property
     def idx_path(self) -> str:
         return self._prefix + ".idx"
+
+    def verify(self, hashes) -> None:
+        """Check the `.bin` (every shard) and, when listed, the `.idx` against a hash list
+        (`unshard`'s format); `ShardError` naming the first file that does not match."""
+        verify_hashes(self._layout, hashes)
 
     @property
     def dtype(self) -> np.dtype:
@@ -256,8 +262,8 @@ class MMapIndexedDataset:
 
     @staticmethod
     def exists(prefix) -> bool:
-        prefix = split_prefix(prefix)
-        return os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")
+        """True when `prefix.idx` and `prefix.bin` (or all of its shards) exist."""
+        return dataset_exists(split_prefix(prefix))
 
     # -- item access ----------------------------------------------------------------------------
     def _item_index(self, i) -> int:
@@ -275,7 +281,7 @@ class MMapIndexedDataset:
             raise IndexedDatasetError(
                 f"{self.bin_path}: {what} spans bytes [{byte_offset}, {end}) but the file has "
                 f"{self._bin_size} bytes (corrupt index)")
-        return np.frombuffer(self._bin_buffer, dtype=self._dtype, count=count, offset=byte_offset)
+        return np.frombuffer(self._bytes.read(byte_offset, end - byte_offset), dtype=self._dtype)
 
     def get(self, i, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset+length) of item i (default: to the end of the item)."""
@@ -466,6 +472,8 @@ class MMapIndexedDatasetBuilder:
         if self._done:
             raise IndexedDatasetError(f"{self.prefix}: builder already finalized or aborted")
         try:
+            self._data_file.flush()
+            os.fsync(self._data_file.fileno())  # the data is on disk before any rename
             self._data_file.close()
             idx_dest = os.fspath(index_file) if index_file is not None else self.prefix + ".idx"
             folder = os.path.dirname(os.path.abspath(idx_dest))
@@ -474,9 +482,16 @@ class MMapIndexedDatasetBuilder:
             with os.fdopen(fd, "wb") as f:
                 f.write(_index_bytes(self.dtype, np.frombuffer(self._sizes, np.int64),
                                      np.frombuffer(self._doc_idx, np.int64)))
+                f.flush()
+                os.fsync(f.fileno())
             mode = _file_mode()
             for tmp in (self._bin_tmp, self._idx_tmp):
                 os.chmod(tmp, mode)
+            # Never a mismatched pair on disk: the old index goes first, so a crash between
+            # the two renames leaves a .bin without its .idx ("no such file" on open), not a
+            # new .bin beside an old .idx.
+            if os.path.lexists(idx_dest):
+                os.remove(idx_dest)
             os.replace(self._bin_tmp, self.prefix + ".bin")
             os.replace(self._idx_tmp, idx_dest)
         except BaseException:

@@ -15,16 +15,14 @@ import os
 import re
 import tempfile
 
+from pythia_jax.data.errors import ShardError
+
 __all__ = ["ShardError", "parse_shard_name", "shard_paths", "read_hash_list", "unshard", "shard",
            "sha256_file"]
 
 _SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<last>\d{5})\.bin$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 CHUNK = 16 << 20
-
-
-class ShardError(ValueError):
-    """Missing or inconsistent shards, or a hash mismatch."""
 
 
 def parse_shard_name(path: str) -> tuple[str, int, int]:
@@ -119,11 +117,13 @@ def unshard(first_shard: str, num_shards: int | None = None, output: str | None 
             raise ShardError(f"{idx}: sha256 mismatch: expected {want}, found {found}")
     total = sum(os.path.getsize(p) for p in paths)
     folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    bar = _progress(total, os.path.basename(output), progress)
     merged = hashlib.sha256() if expected_sha256 else None
     buf = bytearray(chunk)
     view = memoryview(buf)
+    bar = _progress(total, os.path.basename(output), progress)
+    # the temporary file is created last, right before the block that removes it on any
+    # exception (Ctrl-C / SIGTERM included)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             for p in paths:
@@ -164,29 +164,40 @@ def unshard(first_shard: str, num_shards: int | None = None, output: str | None 
 
 
 def shard(path: str, shard_size: int = 5_000_000_000, chunk: int = CHUNK) -> list[str]:
-    """Split `NAME.bin` into Pythia-named byte shards of `shard_size` bytes (last one shorter)."""
+    """Split `NAME.bin` into Pythia-named byte shards of `shard_size` bytes (last one shorter).
+
+    Every shard is written under a hidden temporary name beside it; only when all are complete
+    are they renamed to their final names, so a failed or interrupted split leaves no shard
+    (and no file under a final name that is incomplete)."""
     if not path.endswith(".bin"):
         raise ShardError(f"{path}: expected a .bin file")
     size = os.path.getsize(path)
     n = max(1, -(-size // shard_size))
     outs = shard_paths(path[:-4], n)
     buf = bytearray(min(chunk, shard_size))
-    done: list[str] = []
+    temps: list[str] = []
     try:
         with open(path, "rb", buffering=0) as f:
             for out in outs:
                 left = shard_size
-                with open(out, "wb") as g:
-                    done.append(out)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
+                                           prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+                temps.append(tmp)
+                with os.fdopen(fd, "wb") as g:
                     while left:
                         k = f.readinto(memoryview(buf)[:min(len(buf), left)])
                         if not k:
                             break
                         g.write(memoryview(buf)[:k])
                         left -= k
+        mask = os.umask(0o022)
+        os.umask(mask)
+        for tmp, out in zip(temps, outs):
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, out)
     except BaseException:
-        for out in done:
-            if os.path.exists(out):
-                os.remove(out)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
     return outs
