@@ -53,17 +53,23 @@ class PythiaOrder:
 
     `rows(step, start, stop)` -> rows start..stop-1 of that step's batch (a process-local slice).
     From an `MMapIndexedDataset` both are zero-copy read-only views into the memory map.
+    With `vocab_size` (training passes `model.vocab_size`) every batch read is checked for ids
+    outside [0, vocab_size): the `.idx` holds no maximum, and an id past the embedding would
+    otherwise train on NaN.
     """
 
     def __init__(self, prefix_or_dataset, batch_size: int = PYTHIA_BATCH_SIZE,
-                 seq_len: int = PYTHIA_SEQ_LEN):
+                 seq_len: int = PYTHIA_SEQ_LEN, vocab_size: int | None = None):
         ds = prefix_or_dataset
         if isinstance(ds, (str, os.PathLike)):
             ds = MMapIndexedDataset(ds)
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"expected batch_size > 0 and seq_len > 0, found {batch_size}, "
                              f"{seq_len}")
+        if vocab_size is not None and vocab_size <= 0:
+            raise ValueError(f"expected vocab_size > 0, found {vocab_size}")
         self.dataset = ds
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
         self.batch_size = int(batch_size)
         self.seq_len = int(seq_len)
         self.item_len = self.seq_len + 1
@@ -109,6 +115,31 @@ class PythiaOrder:
         return range(base + start, base + stop)
 
     def rows(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop-1 of step's batch, [stop - start, seq_len + 1]; with `vocab_size`,
+        every token id is checked to lie in [0, vocab_size) (one min/max pass over the rows)."""
+        out = self._rows(step, start, stop)
+        if self.vocab_size is not None:
+            self.check_token_ids(out, step, start)
+        return out
+
+    def check_token_ids(self, rows: np.ndarray, step: int, start: int = 0) -> None:
+        """Raise `IndexedDatasetError` naming the file, item, step, row and id when `rows`
+        (rows start.. of step's batch) hold an id outside [0, vocab_size)."""
+        if self.vocab_size is None or not rows.size:
+            return
+        lo, hi = rows.min(), rows.max()
+        if hi < self.vocab_size and lo >= 0:
+            return
+        bad = np.argwhere((rows >= self.vocab_size) | (rows < 0))[0]
+        r, c = int(bad[0]), int(bad[1])
+        row = start + r
+        item = int(step) * self.batch_size + row
+        raise IndexedDatasetError(
+            f"{self.name}: item {item} (step {step}, row {row}, position {c}) holds token id "
+            f"{int(rows[r, c])}, outside the vocabulary [0, {self.vocab_size}) "
+            "(model.vocab_size): a dataset tokenized with another tokenizer?")
+
+    def _rows(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         items = self.item_range(step, start, stop)
         a, b = items.start, items.stop
         if self._mmap:

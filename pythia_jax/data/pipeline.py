@@ -1,8 +1,8 @@
 """Host input pipeline: step -> globally sharded `inputs` / `targets` jax Arrays.
 
 - The global batch of step k is `order.batch(k)` ([B, seq_len + 1] tokens). It is sharded over
-  the mesh's batch axes (default `("data", "fsdp")`, those present in the mesh); any other mesh
-  axis replicates it.
+  the mesh's batch axes (default `sharding.BATCH_AXES`, data and fsdp, those present in the
+  mesh); any other mesh axis replicates it.
 - Each process reads only the rows its own devices hold (`local_row_blocks`, computed from the
   sharding) and the global array is assembled with `jax.make_array_from_process_local_data`.
   Tokens travel to the devices in their stored dtype (uint16 for Pythia: half the bytes of
@@ -10,8 +10,15 @@
 - `BatchIterator` reads through grain (a `MapDataset` over the random-access `StepSource`,
   record k = this process's rows of step k) in a background thread that also builds the device
   arrays, keeping `prefetch` steps ready ahead of the consumer.
+- Data in a bucket (`gs://…`) reads the same way: a process's rows of a step are one
+  contiguous byte range, so one ranged read per step, made in the background thread.
 - The position in the stream is the step number only: a run resumed at step k, on any number of
   hosts, sees exactly the global batches k, k+1, ...
+- grain is imported with this module, not when the first iterator is built: grain's import runs
+  `etils.epy.lazy_imports()`, which swaps `builtins.__import__` for every thread while it is
+  open. Imported mid-run, it made an in-flight orbax save's `from math import log` (humanize,
+  reporting write speed) return a LazyModule and the save fail ("'LazyModule' object is not
+  callable"; seen on Python 3.12 CI).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import sys
 import threading
 from typing import Iterator, Sequence
 
+import grain  # at import time, never mid-run: see the module docstring
 import numpy as np
 
 import jax
@@ -30,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pythia_jax.data.indexed import IndexedDatasetError
 from pythia_jax.data.order import PythiaOrder, process_rows
+from pythia_jax.sharding import BATCH_AXES
 
 __all__ = [
     "batch_sharding",
@@ -42,10 +51,8 @@ __all__ = [
     "process_rows",
 ]
 
-DEFAULT_BATCH_AXES = ("data", "fsdp")
 
-
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
     """[batch, length] sharding: batch over the mesh's `batch_axes` present, length replicated."""
     if isinstance(batch_axes, str):
         batch_axes = (batch_axes,)
@@ -124,7 +131,7 @@ def _assemble(local: np.ndarray, sharding: NamedSharding, global_rows: int) -> d
 
 
 def make_global_batch(order: PythiaOrder, step: int, mesh: Mesh,
-                      batch_axes: Sequence[str] = DEFAULT_BATCH_AXES) -> dict:
+                      batch_axes: Sequence[str] = BATCH_AXES) -> dict:
     """{"inputs", "targets"}: int32 [batch, seq_len] jax Arrays sharded over `batch_axes`.
 
     This process reads only its own rows of step's batch from the file.
@@ -256,8 +263,6 @@ def _step_records(order: PythiaOrder, blocks, start_step: int, end_step: int,
                   num_threads: int) -> tuple[StepSource, Iterator]:
     """grain over `StepSource`: records of steps start..end-1, in order. One reader: the
     prefetch thread indexes the MapDataset itself; more: grain's threaded read-ahead."""
-    import grain
-
     source = StepSource(order, blocks)
     ds = grain.MapDataset.source(source)
     if num_threads <= 1:  # records are indexed by step: no slice layer (grain's per-element cost)
@@ -331,7 +336,7 @@ class BatchIterator(_Prefetcher):
     """
 
     def __init__(self, order: PythiaOrder, start_step: int, mesh: Mesh, *,
-                 end_step: int | None = None, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES,
+                 end_step: int | None = None, batch_axes: Sequence[str] = BATCH_AXES,
                  prefetch: int = 2, num_threads: int = 1):
         if not isinstance(order, PythiaOrder):
             order = PythiaOrder(order)

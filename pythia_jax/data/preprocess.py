@@ -15,11 +15,13 @@ so a failed run leaves no output files.
 from __future__ import annotations
 
 import collections
+import ctypes
 import gzip
 import io
 import json
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Iterator, Sequence
@@ -27,10 +29,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from pythia_jax.data.indexed import MMapIndexedDatasetBuilder, best_dtype
+from pythia_jax.tokenizer import EOD_ID, load_tokenizer
 
 __all__ = ["PreprocessError", "tokenize_to_indexed", "iter_documents", "output_prefix_for"]
 
 _CHUNK_DOCS = 64
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class PreprocessError(ValueError):
@@ -122,8 +126,22 @@ _WORKER_TOKENIZER = None
 _WORKER_EOD: int | None = None
 
 
-def _init_worker(tokenizer_json: str, eod: int | None) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when the process that started it dies (even by
+    SIGKILL), so no tokenizer process outlives the run holding its stderr open."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(tokenizer_json: str, eod: int | None, parent_pid: int) -> None:
     global _WORKER_TOKENIZER, _WORKER_EOD
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool
     from tokenizers import Tokenizer
 
     _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
@@ -165,7 +183,6 @@ def tokenize_to_indexed(inputs: str | os.PathLike | Sequence[str | os.PathLike],
     bundled GPT-NeoX-20B tokenizer. `workers > 1` tokenizes in a process pool (order kept).
     Returns {key: dataset prefix}.
     """
-    from pythia_jax.tokenizer import EOD_ID, load_tokenizer
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -199,7 +216,7 @@ def tokenize_to_indexed(inputs: str | os.PathLike | Sequence[str | os.PathLike],
             # spawn: safe with jax / tokenizers threads; a dead worker raises, never hangs.
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
-                                       initargs=(tokenizer.to_str(), eod))
+                                       initargs=(tokenizer.to_str(), eod, os.getpid()))
         if progress:
             from tqdm import tqdm
 
