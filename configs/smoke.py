@@ -1,69 +1,7 @@
-"""The embedded default: a small Pythia-shaped model on a bundled corpus, minutes on a laptop CPU.
+"""`--config=configs/smoke.py`: the small run of `pythia_jax.configs.smoke` (shipped with the
+package; a Pythia-shaped model on a bundled corpus, minutes on a laptop CPU).
 
     python scripts/train.py --config=configs/smoke.py --workdir=runs/smoke
-
-On first use it tokenizes `pythia_jax/assets/tinyshakespeare.txt` (shipped in the package) with
-the project's preprocessing (`pythia_jax.data.preprocess`, GPT-NeoX-20B tokenizer), cuts the
-stream into rows of seq_len + 1 tokens, shuffles them and writes a pre-shuffled-style
-`.bin/.idx` under WORKDIR/data, so training reads it through the same `PythiaOrder` path as the
-Pile. Everything else (optimizer, schedule formula, init, checkpoints, logging) is Pythia's,
-scaled down: see configs/pythia.py for the fields.
 """
 
-from __future__ import annotations
-
-import importlib.util
-import os
-from importlib import resources
-
-
-def _pythia_configs():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pythia.py")
-    spec = importlib.util.spec_from_file_location("_pythia_configs", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def get_config(arg: str | None = None):
-    c = _pythia_configs().get_config("14m")
-    c.name = "smoke"
-
-    # Pythia-shaped (parallel residual, partial rotary, untied embeddings, padded 50304 vocab,
-    # small_init / wang_init), 4 layers of width 64.
-    c.model.hidden_size = 64
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.intermediate_size = 256
-    c.model.dtype = "float32"          # bf16 matmuls are slow on CPUs
-    c.model.scan_layers = False
-    c.model.remat = "none"
-    c.model.attention_impl = "xla"
-
-    corpus = str(resources.files("pythia_jax") / "assets" / "tinyshakespeare.txt")
-    c.data.path = "{workdir}/data/tinyshakespeare_rows"
-    c.data.build_from_text = corpus
-    c.data.build_eval_rows = 64
-    c.data.eval_path = "{workdir}/data/tinyshakespeare_rows_eval"
-
-    c.train.num_steps = 300
-    c.train.batch_size = 8
-    c.train.seq_len = 64
-    c.train.log_every = 25
-    c.train.eval_every = 100
-    c.train.eval_steps = 4
-
-    c.optim.peak_lr = 3.0e-3
-    c.optim.min_lr = 3.0e-4
-    c.optim.warmup_steps = 30          # NeoX's formula, with a schedule sized for this run
-    c.optim.decay_steps = 300
-
-    c.checkpoint.extra_steps = (0, 1, 2, 4, 8, 16, 32, 64, 128)
-    c.checkpoint.every = 100
-    c.checkpoint.rolling_every = 50
-
-    c.sample.prompt = "ROMEO:"
-    c.sample.max_new_tokens = 48
-    c.sample.temperature = 0.7
-    c.sample.top_k = 40
-    return c
+from pythia_jax.configs.smoke import get_config  # noqa: F401

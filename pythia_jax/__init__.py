@@ -1,22 +1,22 @@
 """pythia-jax: EleutherAI's Pythia (GPT-NeoX) in JAX / Flax NNX."""
 
 from pythia_jax.config import PRESETS, ConfigError, ModelConfig, get_preset
+from pythia_jax.generation import generate
 from pythia_jax.model import GPTNeoX, KVCache, forward
+from pythia_jax.pretrained import from_pretrained, save_pretrained
+from pythia_jax.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "PRESETS", "ConfigError", "get_preset", "GPTNeoX", "KVCache", "forward",
-           "from_pretrained", "save_pretrained", "load_tokenizer", "__version__"]
+           "generate", "from_pretrained", "save_pretrained", "load_tokenizer", "__version__"]
 
-
-def __getattr__(name):  # lazy: keep `import pythia_jax` light (no torch / safetensors import)
-    if name in ("from_pretrained", "save_pretrained"):
-        from pythia_jax import hf
-        return getattr(hf, name)
-    if name == "load_tokenizer":
-        from pythia_jax.tokenizer import load_tokenizer
-        return load_tokenizer
-    if name == "generate":
-        from pythia_jax.generate import generate
-        return generate
-    raise AttributeError(f"module 'pythia_jax' has no attribute {name!r}")
+# transformers' habits on the model class: `GPTNeoX.from_pretrained(src, …)`,
+# `model.save_pretrained(dst, …)`, `model.generate(ids, …)`, the same functions as above.
+# model.py stands below pretrained.py and generation.py (both import it), so it cannot import
+# them back; this package file stands above all three and runs before any import of
+# pythia_jax.model, so the methods are there wherever GPTNeoX is, with no import running
+# back up and no subclass that every loader would have to construct instead.
+GPTNeoX.from_pretrained = staticmethod(from_pretrained)
+GPTNeoX.save_pretrained = save_pretrained
+GPTNeoX.generate = generate

@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 
 
 _ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
+#: The impls that may run our Pallas kernel, the only one rotary is fused into.
+_FUSED_ROTARY_IMPLS = ("pallas", "auto")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attn_out")
 _INIT_METHODS = ("small_init", "wang_init", "normal", "scaled_normal")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -58,8 +60,16 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; logits are always returned in float32.
     # Execution.
     attention_impl: str = "xla"
-    # With attention_impl="pallas": apply the partial rotary inside the kernel (q, k go in raw).
-    fused_rotary: bool = False
+    # The partial rotary inside our Pallas kernel (q, k go in raw; docs/attention.md).
+    # None (default): fused wherever the kernel runs, i.e. attention_impl="pallas", or "auto"
+    #   when it picks the kernel (on TPU); elsewhere rotary runs in XLA before attention.
+    # True: asked for; refused (ConfigError) with "xla" / "splash" / "cudnn", which never run the
+    #   kernel; with "auto" a warning on the `pythia_jax` logger each time auto picks another
+    #   kernel (CPU, GPU, a shape fallback), which then rotates in XLA.
+    # False: never fused (rotary in XLA before every kernel).
+    # Everywhere: KV-cache decoding (xla with a mask) and taps of the rotated q / k or of the
+    # pattern see rotary applied outside any kernel.
+    fused_rotary: bool | None = None
     # True: one compiled layer body scanned over the stacked weights (compile time independent
     # of depth; on XLA:CPU also faster, since unrolled layers copy every weight slice).
     # False: a Python loop over the layers (numerically the same up to float rounding).
@@ -109,6 +119,14 @@ class ModelConfig:
         need(self.dtype in _DTYPES, "dtype", f"one of {_DTYPES}", self.dtype)
         need(self.attention_impl in _ATTENTION_IMPLS, "attention_impl",
              f"one of {_ATTENTION_IMPLS}", self.attention_impl)
+        need(self.fused_rotary is None or isinstance(self.fused_rotary, bool), "fused_rotary",
+             "None, True or False", self.fused_rotary)
+        if self.fused_rotary is True and self.attention_impl not in _FUSED_ROTARY_IMPLS:
+            raise ConfigError(
+                f"ModelConfig.fused_rotary: True asks for rotary fused into our Pallas kernel, "
+                f"which attention_impl={self.attention_impl!r} never runs; use attention_impl "
+                f"'pallas' (or 'auto', which picks it on TPU), or leave fused_rotary=None "
+                f"(fused wherever the kernel runs)")
         need(self.remat in _REMAT_POLICIES, "remat", f"one of {_REMAT_POLICIES}", self.remat)
         need(self.init_method in _INIT_METHODS, "init_method", f"one of {_INIT_METHODS}",
              self.init_method)

@@ -27,14 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pythia_jax import paths
+from pythia_jax.data.indexed import MMapIndexedDataset
 from pythia_jax.model import GPTNeoX
 from pythia_jax.progress import progress_bar
+from pythia_jax.tokenizer import EOD_ID, load_tokenizer
 
 __all__ = ["TokenScorer", "EvalDataError", "read_jsonl", "encode_pair", "lambada_requests",
            "evaluate_lambada", "evaluate_token_stream", "stream_windows", "TASKS",
            "tokenizer_for", "run_task"]
 
-PREFIX_TOKEN_ID = 0  # <|endoftext|>: lm-eval's prefix for an empty context (eot token)
+#: The tasks `run_task` (and scripts/evaluate.py) runs; every other lm-evaluation-harness task
+#: goes through `pythia_jax.lm_eval_adapter`.
 TASKS = ("lambada_openai", "perplexity")
 
 
@@ -165,9 +169,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         else (lambda s: list(tokenizer(s)))
     if context == "":
         cont = enc(continuation)
-        if cont and cont[0] == PREFIX_TOKEN_ID:
+        if cont and cont[0] == EOD_ID:  # lm-eval's prefix for an empty context: its eot token
             return cont[:1], cont[1:]
-        return [PREFIX_TOKEN_ID], cont
+        return [EOD_ID], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -180,10 +184,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def read_jsonl(path: str | os.PathLike, field: str = "text", limit: int | None = None) -> list[dict]:
     """Objects of a .jsonl file, each with a string `field`; errors name the file and line."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{path}: no such jsonl file")
     docs = []
-    with open(path, encoding="utf-8") as fh:
+    with paths.open(path, "r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if limit is not None and len(docs) >= limit:
                 break
@@ -271,15 +275,12 @@ def evaluate_token_stream(model: GPTNeoX, prefix: str | os.PathLike, *,
                           max_batch_tokens: int = 4096, progress: bool = False) -> dict:
     """Perplexity of the token stream of a Megatron `.bin/.idx` dataset (documents concatenated
     in order, as in training), with non-overlapping (`stride=None`) or strided windows."""
-    from pythia_jax.data.indexed import MMapIndexedDataset
 
     prefix = os.fspath(prefix)
     for suffix in (".bin", ".idx"):
         if prefix.endswith(suffix):
             prefix = prefix[: -len(suffix)]
-    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        raise FileNotFoundError(f"{prefix}: expected {prefix}.bin and {prefix}.idx")
-    ds = MMapIndexedDataset(prefix)
+    ds = MMapIndexedDataset(prefix)  # local or gs://, one .bin or Pythia's shards in place
     if len(ds) == 0:
         raise EvalDataError(f"{prefix}: the dataset holds no items")
     sizes = np.asarray(ds.sizes, np.int64)
@@ -323,7 +324,6 @@ def evaluate_token_stream(model: GPTNeoX, prefix: str | os.PathLike, *,
 # ------------------------------------------------------------------------------------------------
 def tokenizer_for(src: str | os.PathLike | None, revision: str | None = None):
     """The tokenizer shipped with a model (its tokenizer.json), else the bundled NeoX-20B one."""
-    from pythia_jax.tokenizer import load_tokenizer
     if src is not None and os.path.isdir(os.fspath(src)) and \
             os.path.isfile(os.path.join(os.fspath(src), "tokenizer.json")):
         return load_tokenizer(src)

@@ -34,21 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
+import struct
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from pythia_jax import weights
 from pythia_jax.config import ConfigError, ModelConfig
-from pythia_jax.progress import progress_bar
+from pythia_jax.progress import logger, progress_bar
+from pythia_jax.tokenizer import bundled_tokenizer_path
 
 __all__ = ["export_gguf", "load_gguf", "read_gguf_config", "GGUFError", "EXPORT_TYPES",
            "DIRECT_TYPES", "LLAMA_CPP_TYPES", "READ_TYPES", "ARCH", "gguf_tensor_name"]
 
-log = logging.getLogger("pythia_jax")
+log = logger("gguf")
 
 ARCH = "gptneox"
 GELU_KEY = "pythia_jax.gelu_approximate"
@@ -139,36 +143,6 @@ def gguf_tensor_name(hf_name: str) -> str:
     raise KeyError(f"no GGUF name for HF tensor {hf_name!r}")
 
 
-def _hf_names(cfg: ModelConfig) -> list[str]:
-    """HF tensor names in llama.cpp converter order (embedding, blocks, final norm, output)."""
-    names = ["gpt_neox.embed_in.weight"]
-    for i in range(cfg.num_layers):
-        for module in _LAYER_NAMES:
-            names += [f"gpt_neox.layers.{i}.{module}.weight", f"gpt_neox.layers.{i}.{module}.bias"]
-    names += ["gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias",
-              "embed_out.weight"]
-    return names
-
-
-def _hf_shape(cfg: ModelConfig, hf_name: str) -> tuple[int, ...]:
-    """Torch-orientation shape of an HF tensor (= GGUF numpy shape)."""
-    d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    if hf_name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
-        return (V, d)
-    if "final_layer_norm" in hf_name or "layernorm" in hf_name:
-        return (d,)
-    is_w = hf_name.endswith(".weight")
-    if ".query_key_value." in hf_name:
-        return (3 * d, d) if is_w else (3 * d,)
-    if ".attention.dense." in hf_name:
-        return (d, d) if is_w else (d,)
-    if ".dense_h_to_4h." in hf_name:
-        return (f, d) if is_w else (f,)
-    if ".dense_4h_to_h." in hf_name:
-        return (d, f) if is_w else (d,)
-    raise KeyError(hf_name)
-
-
 def _qkv_to_gguf(a: np.ndarray, num_heads: int) -> np.ndarray:
     """HF rows [heads, 3, head_dim] -> llama.cpp rows [3, heads, head_dim] (weight or bias)."""
     rest = a.shape[1:]
@@ -196,8 +170,6 @@ class _Vocab:
 
 def _tokenizer_arrays(tokenizer_path: str, vocab_size: int) -> _Vocab:
     """Token list (padded to `vocab_size`), token types and merges of a byte-level BPE tokenizer."""
-    import json
-
     gguf = _gguf()
     try:
         with open(tokenizer_path, encoding="utf-8") as fh:
@@ -312,11 +284,10 @@ def _write_direct(model, path: str, et: _ExportType, *, vocab: _Vocab, name: str
                   progress: bool) -> None:
     """Stream `model` into a GGUF at `path` with every 2-D weight in `et.qtype`."""
     gguf = _gguf()
-    from pythia_jax.hf import hf_state_dict
-
     cfg: ModelConfig = model.config
-    entries = {n: (shape, thunk) for n, shape, _, thunk in hf_state_dict(model)}
-    order = _hf_names(cfg)
+    entries = {n: (shape, thunk) for n, shape, _, thunk in weights.hf_state_dict(model)}
+    want = weights.hf_shapes(cfg)  # in llama.cpp's converter order
+    order = list(want)
     if set(order) != set(entries):
         raise AssertionError(f"HF tensor set mismatch: {sorted(set(order) ^ set(entries))[:4]}")
 
@@ -357,8 +328,8 @@ def _write_direct(model, path: str, et: _ExportType, *, vocab: _Vocab, name: str
     plan = []
     for n in order:
         shape, thunk = entries[n]
-        if tuple(shape) != _hf_shape(cfg, n):
-            raise AssertionError(f"{n}: shape {shape} != {_hf_shape(cfg, n)}")
+        if tuple(shape) != want[n]:
+            raise AssertionError(f"{n}: shape {shape} != {want[n]}")
         q = _tensor_type(gguf, n, tuple(shape), et, et.qtype)
         nb = _nbytes(gguf, tuple(shape), q)
         gname = gguf_tensor_name(n)
@@ -443,7 +414,6 @@ def export_gguf(model, dst: str | os.PathLike, type: str = "f16", *,
     if not isinstance(cfg, ModelConfig):
         raise GGUFError(f"expected a pythia_jax GPTNeoX model, got {_type_name(model)}")
     if tokenizer is None:
-        from pythia_jax.tokenizer import bundled_tokenizer_path
         tokenizer = bundled_tokenizer_path()
     vocab = _tokenizer_arrays(os.fspath(tokenizer), cfg.vocab_size)
     name = name or os.path.splitext(os.path.basename(dst))[0]
@@ -464,7 +434,7 @@ def export_gguf(model, dst: str | os.PathLike, type: str = "f16", *,
             _write_direct(model, tmp_src, _TYPES[intermediate], vocab=vocab, name=name,
                           progress=progress)
             if progress:
-                print(f"quantizing to {et.name} with llama.cpp ...", flush=True)
+                log.info(f"quantizing to {et.name} with llama.cpp ...")
             _quantize_llama_cpp(tmp_src, tmp, et, threads, verbose)
             os.remove(tmp_src)
             tmp_src = None
@@ -521,8 +491,6 @@ class _GGUFIndex:
     """
 
     def __init__(self, path: str):
-        import struct
-
         gguf = _gguf()
         VT = gguf.GGUFValueType
         self.path = path
@@ -734,7 +702,7 @@ def read_gguf_config(path: str | os.PathLike, reader=None, **overrides) -> Model
 class _GGUFSource:
     """HF-named, HF-oriented float arrays read (and dequantized) from a GGUF, one at a time.
 
-    Provides what `pythia_jax.hf.load_hf_state_dict` needs: keys(), shapes, origin, get().
+    A `weights.TensorSource`: keys(), shapes, origin, get().
     """
 
     def __init__(self, reader, cfg: ModelConfig, path: str):
@@ -743,7 +711,8 @@ class _GGUFSource:
         self._reader = reader
         self._cfg = cfg
         self._path = path
-        by_gguf = {gguf_tensor_name(n): n for n in _hf_names(cfg)}
+        want = weights.hf_shapes(cfg)
+        by_gguf = {gguf_tensor_name(n): n for n in want}
         self._tensors = {}
         unknown = []
         readable = {gguf.GGMLQuantizationType[t] for t in READ_TYPES}
@@ -752,11 +721,10 @@ class _GGUFSource:
                 unknown.append(t.name)
                 continue
             hf = by_gguf[t.name]
-            want = _hf_shape(cfg, hf)
             got = t.shape
-            if got != want:
+            if got != want[hf]:
                 raise GGUFError(f"{path}: tensor {t.name!r} has shape {list(got)} (numpy order); "
-                                f"expected {list(want)} for this config")
+                                f"expected {list(want[hf])} for this config")
             if t.tensor_type not in readable:
                 raise GGUFError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
                                 f"cannot be loaded; supported: {', '.join(READ_TYPES)}")
@@ -764,11 +732,11 @@ class _GGUFSource:
         if unknown:
             raise GGUFError(f"{path}: unexpected tensor(s) {unknown[:5]} for a {ARCH} model with "
                             f"{cfg.num_layers} layers")
-        missing = [gguf_tensor_name(n) for n in _hf_names(cfg) if n not in self._tensors]
+        missing = [gguf_tensor_name(n) for n in want if n not in self._tensors]
         if missing:
             raise GGUFError(f"{path}: missing tensor {missing[0]!r}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        self.shapes = {n: _hf_shape(cfg, n) for n in self._tensors}
+        self.shapes = {n: want[n] for n in self._tensors}
         self.origin = {n: path for n in self._tensors}
         self._cache: tuple[str, np.ndarray] | None = None
 
@@ -801,9 +769,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh=None, *,
     dtype (ModelConfig.dtype). config_overrides: ModelConfig fields, e.g.
     `gelu_approximate=True` (llama.cpp's tanh GELU) or execution options.
     """
-    from pythia_jax.hf import load_hf_state_dict
-    from pythia_jax.model import dtype_of
-
     path = os.fspath(path)
     reader = _open_reader(path)
     if dtype == "auto":
@@ -816,5 +781,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", mesh=None, *,
         config_overrides["dtype"] = compute_dtype
     cfg = read_gguf_config(path, reader, param_dtype=dtype, **config_overrides)
     src = _GGUFSource(reader, cfg, path)
-    return load_hf_state_dict(cfg, src, where=path, param_dtype=np.dtype(dtype_of(dtype)),
-                              mesh=mesh, progress=progress)
+    return weights.load_hf_state_dict(cfg, src, where=path,
+                                      param_dtype=weights.PARAM_DTYPES[dtype], mesh=mesh,
+                                      progress=progress)

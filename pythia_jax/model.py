@@ -18,6 +18,11 @@ same tree serves the unrolled loop and `scan_layers=True`):
 The QKV kernel keeps HF's head-interleaved order explicitly: `[.., heads, 3, head_dim]` with
 3 = (q, k, v). Shape suffixes in names: B batch, T query length, S key length, D model width,
 N heads, H head dim, F MLP width, V vocab.
+
+The layer itself is `layers.decoder_layer` (the one copy used by training, the cached prefill
+and decoding); this module holds the parameter tree, the KV cache, the attention steps the
+layer is given (causal kernels through `attention.attend`, or a write into the cache plus
+masked attention), the layer loop (unrolled or `lax.scan`, with remat) and the embeddings.
 """
 
 from __future__ import annotations
@@ -25,26 +30,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from pythia_jax import attention as attention_lib
+from pythia_jax.attention.xla import MASK_VALUE
 from pythia_jax.config import ModelConfig
-from pythia_jax.sharding import constrain
+from pythia_jax.layers import Taps, decoder_layer, dtype_of, layer_norm, rotary_tables
+from pythia_jax.sharding import constrain, sharded_init
 
-__all__ = ["GPTNeoX", "KVCache", "forward", "block_forward", "rotary_tables", "apply_rotary",
-           "layer_norm", "param_logical_axes", "init_std"]
-
-_DT = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def dtype_of(name: str):
-    return _DT[name]
+__all__ = ["GPTNeoX", "KVCache", "forward", "checked_input_ids", "causal_attention", "cached_attention",
+           "param_logical_axes", "init_std", "abstract_model",
+           "sharded_model", "count_params"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,101 +145,60 @@ class KVCache:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pure building blocks
-def layer_norm(x, scale, bias, eps):
-    """Two-pass LayerNorm in float32 (torch semantics), returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+# The attention steps the layer is given (`layers.decoder_layer`)
+def _softmax_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, pattern):
+    """Attention with the probabilities explicit, passed through `pattern` (the tapped
+    `attn.hook_pattern` site) before they weight the values."""
+    H = q_BTNH.shape[-1]
+    s = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH,
+                   preferred_element_type=jnp.float32) * (H ** -0.5)
+    s = jnp.where(mask_BTS[:, None], s, MASK_VALUE)
+    probs = pattern(jax.nn.softmax(s, axis=-1))
+    o = jnp.einsum("bnts,bsnh->btnh", probs.astype(v_BSNH.dtype), v_BSNH,
+                   preferred_element_type=jnp.float32)
+    return o.astype(q_BTNH.dtype)
 
 
-def rotary_tables(positions_BT, rotary_dim: int, base: float):
-    """cos, sin [B, T, rotary_dim] in float32 (HF / NeoX rotate-half convention)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    angle = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, r/2]
-    emb = jnp.concatenate([angle, angle], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def causal_attention(impl: str, fused_rotary: bool | None = None):
+    """Causal self-attention over the T tokens (training, scoring), through `attend` (which,
+    given the rotary tables, fuses them into our Pallas kernel when that is what `impl`
+    resolves to, and otherwise rotates in XLA; `fused_rotary` as in `ModelConfig`)."""
+    def step(q, k, v, state, *, rotary, pattern):
+        if pattern is not None:
+            T = q.shape[1]
+            return _softmax_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool))[None],
+                                      pattern), state
+        return attention_lib.attend(q, k, v, impl=impl, causal=True, rotary=rotary,
+                                    fused_rotary=fused_rotary), state
+    return step
 
 
-def apply_rotary(x_BTNH, cos_BTR, sin_BTR):
-    """Rotate the first R channels of every head (rotate_half), pass the rest through."""
-    R = cos_BTR.shape[-1]
-    if R == 0:
-        return x_BTNH
-    x_rot = x_BTNH[..., :R].astype(jnp.float32)
-    x_pass = x_BTNH[..., R:]
-    half = R // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
-    out = (x_rot * cos + rotated * sin).astype(x_BTNH.dtype)
-    return jnp.concatenate([out, x_pass], axis=-1)
+def _hands_rotary_to_attention(cfg: ModelConfig) -> bool:
+    """Whether the causal (cache-free) layers hand q, k un-rotated with the rotary tables to
+    `attend`, which fuses them into our Pallas kernel where it resolves to it: with
+    `attention_impl` "pallas" or "auto" unless `fused_rotary=False` (and there is a rotary).
+    Other impls never run the kernel; their layers rotate before attention as always."""
+    return (cfg.fused_rotary is not False and cfg.rotary_dim > 0
+            and cfg.attention_impl in ("pallas", "auto"))
 
 
-def _gelu(x, approximate: bool):
-    return jax.nn.gelu(x, approximate=approximate)
-
-
-def block_forward(cfg: ModelConfig, p: dict, x_BTD, cos_BTR, sin_BTR, *, cache_kv=None,
-                  cache_index=None, key_valid_BS=None):
-    """One GPT-NeoX layer. `p` holds this layer's arrays (no leading layers axis).
-
-    Without a cache: causal self-attention over the T tokens. With `cache_kv=(k, v)` of
-    [B, S, N, H]: the new keys/values are written at `cache_index` and the queries attend over
-    the cache, masked by `key_valid_BS` and slot causality. Returns (x, new_cache_kv or None).
-    """
-    cdt = dtype_of(cfg.dtype)
-    eps = cfg.layer_norm_eps
-
-    def dense(h, kernel, bias, eq):
-        y = jnp.einsum(eq, h, kernel.astype(cdt), preferred_element_type=jnp.float32)
-        return (y + bias.astype(jnp.float32)).astype(cdt)
-
-    a = layer_norm(x_BTD, p["ln1_scale"], p["ln1_bias"], eps)
-    qkv = dense(a, p["qkv_kernel"], p["qkv_bias"], "btd,dnkh->btnkh")  # [B,T,N,3,H]
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    fused = cfg.attention_impl == "pallas" and getattr(cfg, "fused_rotary", False)
-    if not fused:
-        q = apply_rotary(q, cos_BTR, sin_BTR)
-        k = apply_rotary(k, cos_BTR, sin_BTR)
-    q = constrain(q, ("batch", "length", "act_heads", None))
-    k = constrain(k, ("batch", "length", "act_heads", None))
-    v = constrain(v, ("batch", "length", "act_heads", None))
-
-    new_cache = None
-    if cache_kv is None:
-        o = attention_lib.attend(q, k, v, impl=cfg.attention_impl, causal=True,
-                                 rotary=(cos_BTR, sin_BTR) if fused else None)
-    else:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+def cached_attention(index, key_valid_BS, cdt):
+    """Write the T new keys / values into the layer's cache ([B, S, N, H] each) at slot
+    `index`; the queries attend over the cache, masked by `key_valid_BS` and slot causality."""
+    def step(q, k, v, kv, *, rotary, pattern):
+        ck, cv = kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
         T, S = q.shape[1], ck.shape[1]
-        q_slot = cache_index + jnp.arange(T)
+        q_slot = index + jnp.arange(T)
         mask_BTS = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid_BS[:, None, :]
-        o = attention_lib.attend(q, ck.astype(cdt), cv.astype(cdt), impl="xla", causal=False,
-                                 mask=mask_BTS)
-        new_cache = (ck, cv)
-    o = checkpoint_name(o, "attn_out")
-    attn_out = dense(o, p["out_kernel"], p["out_bias"], "btnh,nhd->btd")
-
-    if cfg.use_parallel_residual:
-        m = layer_norm(x_BTD, p["ln2_scale"], p["ln2_bias"], eps)
-    else:
-        x_BTD = x_BTD + attn_out
-        m = layer_norm(x_BTD, p["ln2_scale"], p["ln2_bias"], eps)
-    h = dense(m, p["mlp_in_kernel"], p["mlp_in_bias"], "btd,df->btf")
-    h = constrain(h, ("batch", "length", "act_mlp"))
-    h = _gelu(h, cfg.gelu_approximate)
-    mlp_out = dense(h, p["mlp_out_kernel"], p["mlp_out_bias"], "btf,fd->btd")
-    if cfg.use_parallel_residual:
-        x_BTD = x_BTD + attn_out + mlp_out
-    else:
-        x_BTD = x_BTD + mlp_out
-    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-    return x_BTD, new_cache
+        if pattern is not None:
+            o = _softmax_attention(q, ck.astype(cdt), cv.astype(cdt), mask_BTS, pattern)
+        else:
+            o = attention_lib.attend(q, ck.astype(cdt), cv.astype(cdt), impl="xla",
+                                     causal=False, mask=mask_BTS)
+        return o, (ck, cv)
+    return step
 
 
 _REMAT = {
@@ -247,6 +207,53 @@ _REMAT = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+
+
+def _run_layers(cfg: ModelConfig, lp: dict, x, rope, attention, states, taps: Taps | None):
+    """The layers in order (scanned with `scan_layers`), rematerialized by `cfg.remat` when
+    no cache is carried. `states`: per-layer attention states stacked on [L] (or None).
+    Returns (x, states, captured) with captured values stacked on [L] (on the layers a site
+    is active at, with `taps.layers`: then the layers run in segments of equal active sites)."""
+    if taps is not None and taps.layers:
+        segments = taps.segments(cfg.num_layers)
+    else:
+        segments = [(0, cfg.num_layers, taps)]
+    fused_rotary = states is None and _hands_rotary_to_attention(cfg)
+    outs = []
+    for start, stop, seg_taps in segments:
+        def body(x, xs, seg_taps=seg_taps):
+            p, state, layer = xs
+            x, state, captured = decoder_layer(cfg, p, x, rope, attention, state=state,
+                                               taps=seg_taps, layer=layer,
+                                               fused_rotary=fused_rotary)
+            return x, (state, captured)
+
+        if states is None and _REMAT[cfg.remat] is not None:
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer_ids = (jnp.arange(start, stop, dtype=jnp.int32)
+                     if seg_taps is not None and seg_taps.needs_layer else None)
+        whole = start == 0 and stop == cfg.num_layers
+        xs = ((lp, states) if whole else
+              jax.tree.map(lambda a: a[start:stop], (lp, states))) + (layer_ids,)
+        if cfg.scan_layers:
+            x, out = jax.lax.scan(body, x, xs)
+        else:
+            per_layer = []
+            for i in range(stop - start):
+                x, o = body(x, jax.tree.map(lambda a: a[i], xs))
+                per_layer.append(o)
+            out = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        outs.append(out)
+    if len(outs) == 1:
+        states, captured = outs[0]
+        return x, states, captured
+    states = jax.tree.map(lambda *a: jnp.concatenate(a), *[s for s, _ in outs])
+    captured = {}
+    for _, cap in outs:
+        for name, value in cap.items():
+            captured.setdefault(name, []).append(value)
+    return x, states, {name: v[0] if len(v) == 1 else jnp.concatenate(v)
+                       for name, v in captured.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,77 +289,75 @@ class GPTNeoX(nnx.Module):
         }
 
     def __call__(self, input_ids_BT, *, positions_BT=None, cache: KVCache | None = None,
-                 attention_mask_BT=None, return_hidden: bool = False):
-        """Logits [B, T, V] float32 (and the updated cache when `cache` is given).
+                 attention_mask_BT=None, return_hidden: bool = False, taps: Taps | None = None):
+        """Logits [B, T, V] float32 (and the updated cache when `cache` is given, and the
+        captured values when `taps` is given, in that order).
 
         `positions_BT` default to 0..T-1 (or, with a cache, continue from the cache index).
         `attention_mask_BT` (1 = real token) marks left padding; only used with a cache.
+        `taps` (`layers.Taps`): capture / change values at the layer sites (`layers.SITES`,
+        returned stacked on a leading [L] axis) and at `ln_final.hook_normalized`.
         """
         cfg = self.config
         cdt = dtype_of(cfg.dtype)
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2:
             raise ValueError(f"input_ids: expected shape [batch, length], got {input_ids_BT.shape}")
+        if taps is not None and cfg.use_parallel_residual and taps.touches("hook_resid_mid"):
+            raise ValueError("taps: hook_resid_mid does not exist with the parallel residual "
+                             "(use_parallel_residual=True): attn and mlp both read resid_pre")
+        if taps is not None and taps.max_layer() >= cfg.num_layers:
+            raise ValueError(f"taps: layer {taps.max_layer()} is out of range: the model has "
+                             f"{cfg.num_layers} layers (0..{cfg.num_layers - 1})")
         B, T = input_ids_BT.shape
         if positions_BT is None:
             start = 0 if cache is None else cache.index
             positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         x = jnp.take(self.embed_in.embedding[...], input_ids_BT, axis=0).astype(cdt)
         x = constrain(x, ("batch", "length", "act_embed"))
-        cos, sin = rotary_tables(positions_BT, cfg.rotary_dim, cfg.rotary_emb_base)
+        rope = rotary_tables(positions_BT, cfg.rotary_dim, cfg.rotary_emb_base)
         lp = self.layer_params()
 
         if cache is None:
-            def body(x, p):
-                return block_forward(cfg, p, x, cos, sin)[0], None
-            if _REMAT[cfg.remat] is not None:
-                body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-            if cfg.scan_layers:
-                x, _ = jax.lax.scan(body, x, lp)
-            else:
-                for i in range(cfg.num_layers):
-                    x, _ = body(x, jax.tree.map(lambda a: a[i], lp))
+            x, _, captured = _run_layers(cfg, lp, x, rope,
+                                         causal_attention(cfg.attention_impl, cfg.fused_rotary),
+                                         None, taps)
             new_cache = None
         else:
             if attention_mask_BT is None:
                 attention_mask_BT = jnp.ones((B, T), bool)
             key_valid = jax.lax.dynamic_update_slice_in_dim(
                 cache.key_valid, attention_mask_BT.astype(bool), cache.index, axis=1)
-
-            def body(x, xs):
-                p, ck, cv = xs
-                x, (ck, cv) = block_forward(cfg, p, x, cos, sin, cache_kv=(ck, cv),
-                                            cache_index=cache.index, key_valid_BS=key_valid)
-                return x, (ck, cv)
-            if cfg.scan_layers:
-                x, (ks, vs) = jax.lax.scan(body, x, (lp, cache.k, cache.v))
-            else:
-                ks, vs = [], []
-                for i in range(cfg.num_layers):
-                    x, (ck, cv) = body(x, (jax.tree.map(lambda a: a[i], lp), cache.k[i], cache.v[i]))
-                    ks.append(ck)
-                    vs.append(cv)
-                ks, vs = jnp.stack(ks), jnp.stack(vs)
+            attention = cached_attention(cache.index, key_valid, cdt)
+            x, (ks, vs), captured = _run_layers(cfg, lp, x, rope, attention, (cache.k, cache.v),
+                                                taps)
             new_cache = KVCache(ks, vs, key_valid, cache.index + T)
 
         x = layer_norm(x, self.final_layer_norm.scale[...], self.final_layer_norm.bias[...],
                        cfg.layer_norm_eps)
+        if taps is not None:
+            x = taps.at("ln_final.hook_normalized", x, None, captured)
         if return_hidden:
-            return x if new_cache is None else (x, new_cache)
-        logits = jnp.einsum("btd,vd->btv", x, self.embed_out.embedding[...].astype(cdt),
-                            preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        return logits if new_cache is None else (logits, new_cache)
+            out = x
+        else:
+            out = jnp.einsum("btd,vd->btv", x, self.embed_out.embedding[...].astype(cdt),
+                             preferred_element_type=jnp.float32)
+            out = constrain(out, ("batch", "length", "act_vocab"))
+        extra = (() if new_cache is None else (new_cache,)) + (() if taps is None else (captured,))
+        return (out,) + extra if extra else out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_hidden"))
-def _forward_jit(graphdef, state, input_ids_BT, positions_BT, return_hidden):
+def _forward_jit(graphdef, state, input_ids_BT, positions_BT, return_hidden, taps):
     return nnx.merge(graphdef, state)(input_ids_BT, positions_BT=positions_BT,
-                                      return_hidden=return_hidden)
+                                      return_hidden=return_hidden, taps=taps)
 
 
-def forward(model: GPTNeoX, input_ids_BT, *, positions_BT=None, return_hidden: bool = False):
-    """`model(input_ids_BT)` compiled: logits [B, T, V] float32 (or the final hidden states).
+def forward(model: GPTNeoX, input_ids_BT, *, positions_BT=None, return_hidden: bool = False,
+            taps: Taps | None = None):
+    """`model(input_ids_BT)` compiled: logits [B, T, V] float32 (or the final hidden states);
+    with `taps`, `(logits, captured)` (`layers.Taps`: its data is traced, its sites and edit
+    functions are part of the compiled program's key).
 
     One `jax.jit` per (model structure, input shape), reused across calls and across models
     of the same config. Calling `model(ids)` directly runs op by op (about 3x slower for
@@ -361,6 +366,16 @@ def forward(model: GPTNeoX, input_ids_BT, *, positions_BT=None, return_hidden: b
     (static) and arrays instead. Token ids are checked against the vocabulary (an
     out-of-range id would otherwise embed as NaN).
     """
+    ids = checked_input_ids(model, input_ids_BT)
+    if taps is not None and not isinstance(taps, Taps):
+        raise TypeError(f"taps: expected a pythia_jax.layers.Taps, got {type(taps).__name__}")
+    graphdef, state = nnx.split(model)
+    return _forward_jit(graphdef, state, ids, positions_BT, return_hidden, taps)
+
+
+def checked_input_ids(model: GPTNeoX, input_ids_BT) -> jax.Array:
+    """`input_ids_BT` as int32 [B, T] after checking the model type, the shape, the dtype and
+    (where the ids are addressable) that every id is inside the vocabulary."""
     if not isinstance(model, GPTNeoX):
         raise TypeError(f"model: expected a pythia_jax GPTNeoX, got {type(model).__name__}")
     ids = input_ids_BT
@@ -376,9 +391,7 @@ def forward(model: GPTNeoX, input_ids_BT, *, positions_BT=None, return_hidden: b
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {V})")
-    graphdef, state = nnx.split(model)
-    return _forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), positions_BT,
-                        return_hidden)
+    return jnp.asarray(ids, jnp.int32)
 
 
 def param_logical_axes(model: GPTNeoX) -> Any:
@@ -386,6 +399,16 @@ def param_logical_axes(model: GPTNeoX) -> Any:
     state = nnx.state(model, nnx.Param)
     return jax.tree.map(lambda v: v.logical_axes, state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sharded_model(cfg: ModelConfig, mesh, seed: int = 0, rules=None) -> GPTNeoX:
+    """A GPTNeoX with Pythia's init, each parameter created directly on its shards of `mesh`
+    (`sharding.sharded_init`: no device or host ever holds an unsharded copy)."""
+    def init():
+        return nnx.split(GPTNeoX(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(seed))))
+    return nnx.merge(graphdef, sharded_init(init, mesh, rules=rules))
 
 
 def abstract_model(cfg: ModelConfig) -> GPTNeoX:

@@ -49,9 +49,9 @@ def pythia_schedule(peak_lr: float, min_lr: float, warmup_steps: int,
 
     `count` is the number of optimizer updates applied so far (0 for the first update).
     """
-    if not (peak_lr >= 0 and min_lr >= 0):
-        raise OptimConfigError(f"optim.peak_lr / optim.min_lr: expected >= 0, got {peak_lr}, "
-                               f"{min_lr}")
+    if not (peak_lr >= 0 and min_lr >= 0 and math.isfinite(peak_lr) and math.isfinite(min_lr)):
+        raise OptimConfigError(f"optim.peak_lr / optim.min_lr: expected finite numbers >= 0, "
+                               f"got {peak_lr}, {min_lr}")
     if warmup_steps < 0 or decay_steps <= 0:
         raise OptimConfigError(f"optim.warmup_steps >= 0 and optim.decay_steps > 0 expected, got "
                                f"{warmup_steps}, {decay_steps}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -30,9 +31,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "BATCH_AXES", "mesh_shape", "make_mesh",
            "logical_to_spec", "named_sharding", "logical_rules", "active_mesh", "constrain",
-           "tree_shardings", "sharded_model", "sharded_init", "sharding_report"]
+           "tree_shardings", "sharded_init", "sharding_report", "manual_rules",
+           "hlo_collectives", "COLLECTIVE_OPS"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+#: the mesh axes the batch dimension of every input / activation is split over (each process
+#: feeds its own rows: `pythia_jax.data.pipeline`)
+BATCH_AXES = ("data", "fsdp")
 
 #: logical name -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -46,17 +52,13 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
-
-#: the mesh axes the batch dimension of every input / activation is split over (each process
-#: feeds its own rows: `pythia_jax.data.pipeline`)
-BATCH_AXES = ("data", "fsdp")
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
     "pythia_jax_logical_rules", default=None)
@@ -241,19 +243,6 @@ def sharded_init(fn, mesh: Mesh, *args, rules=None, **kwargs):
         return jax.jit(lambda: fn(*args, **kwargs), out_shardings=shardings)()
 
 
-def sharded_model(cfg, mesh: Mesh, seed: int = 0, rules=None):
-    """A GPTNeoX with Pythia's init, each parameter created directly on its shards."""
-    from flax import nnx
-    from pythia_jax.model import GPTNeoX
-
-    def init():
-        return nnx.split(GPTNeoX(cfg, rngs=nnx.Rngs(seed)))[1]
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(seed))))
-    state = sharded_init(init, mesh, rules=rules)
-    return nnx.merge(graphdef, state)
-
-
 def sharding_report(tree: Any, mesh: Mesh, rules=None) -> list[str]:
     """'path: shape logical -> spec' lines; marks dims whose rule was dropped (not divisible)."""
     from flax import nnx
@@ -274,3 +263,159 @@ def sharding_report(tree: Any, mesh: Mesh, rules=None) -> list[str]:
             note = f"  (rule {want} not divisible; using {spec})"
         lines.append(f"{name}: {shape} {tuple(axes)} -> {spec}{note}")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside a shard_map that is manual over some mesh axes
+@contextlib.contextmanager
+def manual_rules(axes: Sequence[str] = BATCH_AXES, rules=DEFAULT_RULES) -> Iterator[None]:
+    """The logical rules for code traced inside `jax.shard_map(..., axis_names=axes)`: arrays
+    there are per-shard along `axes`, so those axes are removed from every rule; the other
+    axes (e.g. `tensor`) stay automatic, on the context's abstract mesh (which a nested
+    shard_map, such as attention's, must be given)."""
+    manual = set(axes)
+
+    def strip(target):
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(t for t in targets if t not in manual)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    stripped = tuple((name, strip(target)) for name, target in rules_dict(rules).items())
+    token = _ACTIVE.set((jax.sharding.get_abstract_mesh(), rules_dict(stripped)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives of a compiled program (optimized HLO text)
+COLLECTIVE_OPS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all",
+                  "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+_COMP_RE = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([\w\-]+)\((.*)$")
+_CALLEE_RE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
+                        r"called_computations)=(\{[^}]*\}|%[\w.\-]+)")
+_SHAPE_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+
+
+def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for dtype, dims in _SHAPE_RE.findall(type_text):
+        if dtype in _DTYPE_BYTES:
+            out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _group_size(line: str) -> int:
+    """Devices in one replica group of a collective (1 when unknown)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+    if m:
+        sizes = dict((k.strip("'"), int(v)) for k, v in
+                     (kv.split("=") for kv in m.group(1).split(",") if "=" in kv))
+        return math.prod(sizes.get(a.strip().strip("'"), 1) for a in m.group(2).split(",") if a.strip())
+    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=", line)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    return 1
+
+
+def _trip_from_condition(lines: list[str]) -> int | None:
+    """N of a scan-shaped loop condition `ROOT compare(counter, constant(N)), direction=LT`
+    (libtpu does not record known_trip_count); None for any other condition."""
+    consts = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
+    for line in lines:
+        m = re.match(r"\s*ROOT %\S+ = pred\[\]\S* compare\(%[\w.\-]+, %([\w.\-]+)\), "
+                     r"direction=LT", line)
+        if m and m.group(1) in consts:
+            return int(consts[m.group(1)])
+    return None
+
+
+def hlo_collectives(hlo_text: str) -> list[dict]:
+    """Every collective of an optimized HLO module, with where it runs.
+
+    Each entry: `op` (all-reduce, reduce-scatter, all-gather, all-to-all, collective-permute;
+    async `-start` forms counted under the same name, `-done` not), `shapes` [(dtype, dims)] of
+    its result, `bytes` (the buffer on the full side: the result of an all-reduce or
+    all-gather, the operand, result x group, of a reduce-scatter), `group` (devices per replica
+    group; 1 moves nothing), `computation`, and `loops`:
+    the trip counts of the while loops around it, outermost first (XLA's known_trip_count, or
+    N of a `counter < N` condition; None when neither), so that `math.prod(loops)` is how often
+    it runs per call.
+    """
+    comps: dict[str, list[str]] = {}
+    entry = None
+    cur = None
+    for line in hlo_text.splitlines():
+        if not line.startswith((" ", "}")):
+            m = _COMP_RE.match(line)
+            if m:
+                cur = m.group(1)
+                comps[cur] = []
+                if line.startswith("ENTRY "):
+                    entry = cur
+                continue
+        if cur is not None and line.startswith(" "):
+            comps[cur].append(line)
+    if entry is None:
+        raise ValueError("hlo_collectives: no ENTRY computation in the HLO text")
+    # callers: computation -> [(caller, trip count or "call")]
+    edges: dict[str, list[tuple[str, Any]]] = {}
+    for name, lines in comps.items():
+        for line in lines:
+            m = _INSTR_RE.match(line)
+            if not m:
+                continue
+            trip = None
+            if m.group(2) == "while":
+                t = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                cond = re.search(r"condition=%([\w.\-]+)", line)
+                trip = (int(t.group(1)) if t else
+                        _trip_from_condition(comps.get(cond.group(1), [])) if cond else None)
+            for kind, callees in _CALLEE_RE.findall(line):
+                for callee in re.findall(r"%([\w.\-]+)", callees):
+                    edges.setdefault(callee, []).append(
+                        (name, trip if (m.group(2) == "while" and kind == "body") else "call"))
+    contexts: dict[str, list[tuple]] = {}
+
+    def loops_of(name: str, seen=()) -> list[tuple]:
+        if name == entry:
+            return [()]
+        if name in contexts:
+            return contexts[name]
+        out = []
+        for caller, how in edges.get(name, []):
+            if caller in seen:
+                continue
+            for ctx in loops_of(caller, seen + (name,)):
+                out.append(ctx if how == "call" else ctx + (how,))
+        contexts[name] = out = sorted(set(out), key=len) or [()]
+        return out
+
+    found = []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _INSTR_RE.match(line)
+            if not m:
+                continue
+            op = m.group(2).removesuffix("-start")
+            if op not in COLLECTIVE_OPS or m.group(2).endswith("-done"):
+                continue
+            shapes = _shapes(m.group(1))
+            if m.group(2).endswith("-start") and op != "all-reduce" and len(shapes) > 1:
+                shapes = shapes[len(shapes) // 2:]  # (operands, results) tuple: the results
+            group = _group_size(line)
+            nbytes = sum(_DTYPE_BYTES[d] * math.prod(s) for d, s in shapes)
+            if op == "reduce-scatter":
+                nbytes *= group
+            for ctx in loops_of(name):
+                found.append({"op": op, "shapes": shapes, "bytes": nbytes, "group": group,
+                              "computation": name, "loops": list(ctx)})
+    return found

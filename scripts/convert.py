@@ -6,7 +6,8 @@
 
 --src is anything `pythia_jax.from_pretrained` accepts: an HF directory or hub id, a pythia-jax
 model directory, a training workdir (its latest checkpoint) or a step directory, a .gguf file.
-The destination is written under a temporary name and renamed when complete; an existing
+--src and --dst may be gs:// URLs (the `gcs` extra). The destination is written under a
+temporary name and renamed when complete (uploaded when complete, for a URL); an existing
 destination is refused unless --overwrite. Memory: one copy of the weights plus one tensor.
 """
 
@@ -16,6 +17,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
+
+from pythia_jax.cli import run_app  # noqa: E402
 
 flags.DEFINE_string("src", None, "source checkpoint (HF dir / hub id / pythia-jax dir / workdir)")
 flags.DEFINE_string("dst", None, "destination directory")
@@ -31,17 +34,23 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+    from pythia_jax.cli import exit_on_sigterm
+
+    exit_on_sigterm("convert")
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import pythia_jax
-    from pythia_jax import checkpoint
+    from pythia_jax import checkpoint, paths
 
-    dst = os.path.abspath(FLAGS.dst)
-    if os.path.exists(dst) and not FLAGS.overwrite and (not os.path.isdir(dst) or os.listdir(dst)):
-        print(f"convert: error: {dst}: already exists; pass --overwrite to replace it",
-              file=sys.stderr)
-        return 2
+    dst = paths.abspath(FLAGS.dst)
     try:
+        for p in (FLAGS.src, dst):
+            paths.check_available(p)
+        if (paths.exists(dst) and not FLAGS.overwrite
+                and (not paths.isdir(dst) or paths.listdir(dst))):
+            print(f"convert: error: {dst}: already exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return 2
         model = pythia_jax.from_pretrained(FLAGS.src, revision=FLAGS.revision, dtype=FLAGS.dtype,
                                            progress=FLAGS.progress)
         if FLAGS.to == "jax":
@@ -57,5 +66,10 @@ def main(argv):
     return 0
 
 
+def run():
+    """Console command `pythia-jax-convert` (pyproject.toml [project.scripts])."""
+    run_app(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

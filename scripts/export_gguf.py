@@ -24,6 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
+from pythia_jax.cli import run_app  # noqa: E402
+
 from pythia_jax.gguf import EXPORT_TYPES  # noqa: E402
 
 flags.DEFINE_string("src", None, "source checkpoint (HF dir / hub id / pythia-jax dir / workdir / "
@@ -47,36 +49,57 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+    from pythia_jax.cli import exit_on_sigterm
+
+    exit_on_sigterm("export_gguf")
+    from pythia_jax import progress
+    progress.console()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import tempfile
+
     import pythia_jax
     from pythia_jax import gguf as gguf_lib
+    from pythia_jax import paths
 
-    dst = os.path.abspath(FLAGS.dst)
-    if os.path.isdir(dst):
-        print(f"export_gguf: error: {dst}: is a directory; expected a .gguf file path",
-              file=sys.stderr)
-        return 2
-    if os.path.exists(dst) and not FLAGS.overwrite:
-        print(f"export_gguf: error: {dst}: already exists; pass --overwrite to replace it",
-              file=sys.stderr)
-        return 2
-    name = FLAGS.name or os.path.basename(os.path.normpath(FLAGS.src))
-    if name.endswith(".gguf"):
-        name = name[: -len(".gguf")]
+    dst = paths.abspath(FLAGS.dst)
     try:
+        for p in (FLAGS.src, dst):
+            paths.check_available(p)
+        if paths.isdir(dst):
+            print(f"export_gguf: error: {dst}: is a directory; expected a .gguf file path",
+                  file=sys.stderr)
+            return 2
+        if paths.exists(dst) and not FLAGS.overwrite:
+            print(f"export_gguf: error: {dst}: already exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return 2
+        name = FLAGS.name or paths.basename(FLAGS.src)
+        if name.endswith(".gguf"):
+            name = name[: -len(".gguf")]
         model = pythia_jax.from_pretrained(FLAGS.src, revision=FLAGS.revision, dtype=FLAGS.dtype,
                                            progress=FLAGS.progress)
-        gguf_lib.export_gguf(model, dst, FLAGS.type.lower(), tokenizer=FLAGS.tokenizer,
-                             name=name, overwrite=FLAGS.overwrite, progress=FLAGS.progress,
-                             intermediate=FLAGS.intermediate, threads=FLAGS.threads,
-                             verbose=FLAGS.verbose)
+        export = dict(tokenizer=FLAGS.tokenizer, name=name, overwrite=FLAGS.overwrite,
+                      progress=FLAGS.progress, intermediate=FLAGS.intermediate,
+                      threads=FLAGS.threads, verbose=FLAGS.verbose)
+        if paths.is_remote(dst):  # written locally (llama.cpp needs a file), uploaded whole
+            with tempfile.TemporaryDirectory(prefix="export_gguf-") as tmp:
+                local = os.path.join(tmp, paths.basename(dst))
+                gguf_lib.export_gguf(model, local, FLAGS.type.lower(), **export)
+                paths.upload(local, dst)
+        else:
+            gguf_lib.export_gguf(model, dst, FLAGS.type.lower(), **export)
     except (ValueError, OSError, ImportError) as e:
         print(f"export_gguf: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {FLAGS.type.lower()} GGUF to {dst} ({os.path.getsize(dst) / 2**20:.1f} MiB)")
+    print(f"wrote {FLAGS.type.lower()} GGUF to {dst} ({paths.size(dst) / 2**20:.1f} MiB)")
     return 0
 
 
+def run():
+    """Console command `pythia-jax-export-gguf` (pyproject.toml [project.scripts])."""
+    run_app(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

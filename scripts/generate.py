@@ -1,4 +1,4 @@
-"""Continue a prompt with a Pythia model, printing the text as it is produced.
+r"""Continue a prompt with a Pythia model, printing the text as it is produced.
 
     python scripts/generate.py --model=EleutherAI/pythia-70m --revision=step143000 \
         --prompt="The capital of France is" --max_new_tokens=32
@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
+from pythia_jax.attention import IMPLS as ATTENTION_IMPLS  # noqa: E402
 from pythia_jax.cli import parse_model_flags  # noqa: E402
 
 FLAGS = flags.FlagValues()  # script-local: several scripts can be driven from one process
@@ -34,6 +35,11 @@ flags.DEFINE_float("top_p", None, "nucleus sampling: smallest set with this prob
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_bool("eos", True, "stop at <|endoftext|>", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
+                  "activation / matmul dtype (default float32)", flag_values=FLAGS)
+flags.DEFINE_enum("attention_impl", None, list(ATTENTION_IMPLS), "attention kernel (default: "
+                  "the checkpoint's, else xla; auto picks pallas / splash on TPU, cudnn on GPU)",
                   flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", None, "tokenizer.json / directory / hub id (default: the "
                     "model's own, else the bundled GPT-NeoX-20B tokenizer)", flag_values=FLAGS)
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
 
     import pythia_jax
     from pythia_jax.evaluate import tokenizer_for
-    from pythia_jax.generate import stream_generate
+    from pythia_jax.generation import stream_generate
     from pythia_jax.tokenizer import EOD_ID, load_tokenizer
 
     try:
@@ -64,11 +70,14 @@ def main(argv=None) -> int:
         ids = tok.encode(FLAGS.prompt).ids
         if not ids:
             return _err("--prompt encodes to no tokens")
-        model = pythia_jax.from_pretrained(FLAGS.model, revision=FLAGS.revision, dtype=FLAGS.dtype)
+        model = pythia_jax.from_pretrained(FLAGS.model, revision=FLAGS.revision, dtype=FLAGS.dtype,
+                                           compute_dtype=FLAGS.compute_dtype,
+                                           **({"attention_impl": FLAGS.attention_impl}
+                                              if FLAGS.attention_impl else {}))
         steps = stream_generate(model, [ids], FLAGS.max_new_tokens,
                                 temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                 top_p=FLAGS.top_p, seed=FLAGS.seed,
-                                eos_token_id=EOD_ID if FLAGS.eos else None)
+                                eos_token_id=EOD_ID if FLAGS.eos else [])
         out: list[int] = []
         shown = 0
         sys.stdout.write(FLAGS.prompt)
@@ -93,5 +102,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run():
+    """Console command `pythia-jax-generate` (pyproject.toml [project.scripts])."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -16,6 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
+from pythia_jax.cli import run_app  # noqa: E402
+
 flags.DEFINE_string("model", "pythia-70m", "preset name (pythia-70m, 1b, …), 'all', an HF "
                     "directory or config.json, or a pythia-jax checkpoint directory")
 flags.DEFINE_integer("seq_len", 2048, "sequence length for the attention FLOPs")
@@ -48,14 +50,21 @@ def info(name: str, cfg, seq_len: int) -> dict:
 
 def resolve(name: str):
     from pythia_jax import config as config_lib
-    if os.path.isfile(name):
-        return config_lib.ModelConfig.from_hf_json(name)
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, "config.json")):
-            return config_lib.ModelConfig.from_hf_json(os.path.join(name, "config.json"))
-        from pythia_jax import checkpoint
-        d = checkpoint.resolve_model_dir(name)
-        return checkpoint.config_from_json(os.path.join(d, checkpoint.CONFIG_NAME))
+    from pythia_jax import paths
+    if paths.is_remote(name) or os.path.exists(name):
+        paths.check_available(name)
+        if paths.isfile(name):
+            with paths.local_copy(name) as local:
+                return config_lib.ModelConfig.from_hf_json(local)
+        if paths.isdir(name):
+            if paths.isfile(paths.join(name, "config.json")):
+                with paths.local_copy(paths.join(name, "config.json")) as local:
+                    return config_lib.ModelConfig.from_hf_json(local)
+            from pythia_jax import checkpoint
+            d = checkpoint.resolve_model_dir(name)
+            return checkpoint.config_from_json(paths.join(d, checkpoint.CONFIG_NAME))
+        if paths.is_remote(name):
+            raise FileNotFoundError(f"{name}: no such file or directory")
     return config_lib.get_preset(name)
 
 
@@ -68,12 +77,17 @@ def main(argv):
             out = [info(n, c, FLAGS.seq_len) for n, c in config_lib.PRESETS.items()]
         else:
             out = info(FLAGS.model, resolve(FLAGS.model), FLAGS.seq_len)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:  # ImportError: gs:// without the gcs extra
         print(f"model_info: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2))
     return 0
 
 
+def run():
+    """Console command `pythia-jax-model-info` (pyproject.toml [project.scripts])."""
+    run_app(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

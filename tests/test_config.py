@@ -111,6 +111,26 @@ def test_model_config_validation():
         ModelConfig(hidden_size=100, num_layers=1, num_heads=3, intermediate_size=4)
 
 
+def test_fused_rotary_is_on_by_default_and_an_unhonourable_request_is_refused():
+    # None (the default): fused wherever our Pallas kernel runs ("pallas", or "auto" picking it).
+    assert ModelConfig.fused_rotary is None and get_preset("70m").fused_rotary is None
+    for impl in ("pallas", "auto"):
+        assert get_preset("70m", attention_impl=impl, fused_rotary=True).fused_rotary is True
+    for impl in ("xla", "splash", "cudnn", "pallas", "auto"):  # off is always possible
+        assert get_preset("70m", attention_impl=impl, fused_rotary=False).fused_rotary is False
+    # True where the kernel never runs cannot be honoured: refused, naming the field.
+    for impl in ("xla", "splash", "cudnn"):
+        with pytest.raises(ConfigError, match=rf"ModelConfig.fused_rotary: True .* "
+                                              rf"attention_impl='{impl}' never runs"):
+            get_preset("70m", attention_impl=impl, fused_rotary=True)
+    with pytest.raises(ConfigError, match=r"ModelConfig.fused_rotary: expected None, True or "
+                                          r"False, got 1"):
+        get_preset("70m", attention_impl="pallas", fused_rotary=1)
+    # An execution field: not in the HF config, so HF round trips are unchanged.
+    cfg = get_preset("70m", attention_impl="pallas", fused_rotary=False)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == get_preset("70m")
+
+
 def test_flops_per_token_formula():
     cfg = get_preset("70m")
     d, L, V, T = 512, 6, 50304, 2048

@@ -1,7 +1,6 @@
 """configs/pythia.py and configs/smoke.py: every Pythia hyperparameter, CLI overrides, and the
 checkpoint schedule policy."""
 
-import importlib.util
 import math
 
 import pytest
@@ -9,21 +8,13 @@ import pytest
 from conftest import REPO
 from pythia_jax import train
 from pythia_jax.config import get_preset
+from pythia_jax.configs import pythia as pythia_cfgs
+from pythia_jax.configs import smoke as smoke_cfgs
 
 SIZES = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
 # Reference doc 2.1 (peak lr, min lr); 6.9b / 12b are not in the shared ymls.
 DOC_LR = {"14m": 1e-3, "31m": 1e-3, "70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 2.5e-4,
           "1.4b": 2e-4, "2.8b": 1.6e-4, "6.9b": 1.2e-4, "12b": 1.2e-4}
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pythia_cfgs = _load("pythia")
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -167,7 +158,7 @@ def test_checkpoint_schedule_short_run_and_rolling():
 
 
 def test_smoke_config_is_small_and_self_contained():
-    c = _load("smoke").get_config()
+    c = smoke_cfgs.get_config()
     mcfg = train.model_config_from(c)
     assert c.name == "smoke"
     assert mcfg.vocab_size == 50304 and mcfg.use_parallel_residual  # Pythia-shaped
@@ -182,3 +173,43 @@ def test_smoke_config_is_small_and_self_contained():
     assert c.optim.decay_steps == c.train.num_steps and c.optim.warmup_steps > 0
     assert math.isclose(c.optim.min_lr, 0.1 * c.optim.peak_lr)
     train.validate_config(c)
+
+
+def _config_from_flag(spec: str):
+    """The config `--config=SPEC` gives on the command line (ml_collections' config_flags, as
+    scripts/train.py reads it)."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["train.py", f"--config={spec}"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("spec,from_package", [
+    ("pythia.py:410m", lambda: pythia_cfgs.get_config("410m")),
+    ("pythia.py:pythia-70m-deduped", lambda: pythia_cfgs.get_config("70m-deduped")),
+    ("pythia.py", lambda: pythia_cfgs.get_config()),
+    ("smoke.py", lambda: smoke_cfgs.get_config()),
+])
+def test_configs_import_as_a_package_equal_to_the_config_files(spec, from_package):
+    """`configs/*.py` (the README's --config= paths) and the package modules shipped in
+    `pythia_jax.configs` give the same config, field for field; the package's own files load by
+    path too (for installed CLIs that have no repository)."""
+    import importlib.resources
+
+    import pythia_jax.configs
+    want = from_package().to_dict()
+    assert _config_from_flag(f"{REPO / 'configs' / spec}").to_dict() == want
+    name, sep, arg = spec.partition(":")
+    shipped = importlib.resources.files("pythia_jax.configs") / name
+    assert shipped.is_file()
+    assert _config_from_flag(f"{shipped}{sep}{arg}").to_dict() == want
+    assert set(pythia_jax.configs.__all__) == {"pythia", "smoke"}
+
+
+def test_smoke_config_takes_no_argument():
+    with pytest.raises(ValueError, match=r"configs/smoke.py takes no argument, got '70m'"):
+        smoke_cfgs.get_config("70m")

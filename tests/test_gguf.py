@@ -32,6 +32,7 @@ from flax import nnx
 
 import pythia_jax
 from pythia_jax import gguf as G
+from pythia_jax import weights
 from pythia_jax.tokenizer import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -157,11 +158,11 @@ def write_minimal_gguf(path, arch="gptneox", d=32, L=1, nh=2, ff=64, V=64, dtype
     cfg = pythia_jax.ModelConfig(hidden_size=d, num_layers=L, num_heads=nh, intermediate_size=ff,
                                  vocab_size=V)
     rng = np.random.default_rng(0)
-    for n in G._hf_names(cfg):
+    for n, shape in weights.hf_shapes(cfg).items():
         name = G.gguf_tensor_name(n)
         if name in drop:
             continue
-        a = rng.standard_normal(G._hf_shape(cfg, n)).astype(dtypes.get(name, np.float32))
+        a = rng.standard_normal(shape).astype(dtypes.get(name, np.float32))
         w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -333,8 +334,7 @@ def test_load_onto_mesh_matches_plain_load(exported):
 
 def _hf_rows(model) -> dict[str, np.ndarray]:
     """HF-orientation weights ([out, in]: quantization blocks run along the last axis)."""
-    from pythia_jax.hf import hf_state_dict
-    return {n: np.asarray(th(), np.float32) for n, _, _, th in hf_state_dict(model)}
+    return {n: np.asarray(th(), np.float32) for n, _, _, th in weights.hf_state_dict(model)}
 
 
 @pytest.mark.parametrize("t,steps,bound", [("q8_0", 127, 0.6), ("q4_0", 8, 1.05)])

@@ -5,7 +5,6 @@ wang_init N(0, 2 / (L sqrt(d))): attention.dense and dense_4h_to_h.
 6.9b / 12b: normal(0.02) and scaled_normal 0.02 / sqrt(2 L) instead. Biases 0, LayerNorm 1 / 0.
 """
 
-import importlib.util
 import math
 
 import jax
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
 from pythia_jax import train
 from pythia_jax.config import get_preset
+from pythia_jax.configs import pythia as pythia_configs
 from pythia_jax.model import GPTNeoX, init_std
 
 # reference doc 1.6 "Computed stds" (small / wang; 6.9b and 12b: normal / scaled_normal)
@@ -71,10 +70,7 @@ def _check_groups(flat: dict, in_std: float, out_std: float):
 def test_training_state_starts_from_pythia_init_70m():
     """`create_train_state` on configs/pythia.py:70m (vocab cut to 4096 rows to keep it small;
     the stds depend on d and L only): each parameter group has its Pythia std, fp32."""
-    spec = importlib.util.spec_from_file_location("_cfg_pythia", REPO / "configs" / "pythia.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("70m")
+    c = pythia_configs.get_config("70m")
     c.model.vocab_size = 4096
     mesh = train.make_mesh(c)
     state, _ = train.create_train_state(c, mesh)

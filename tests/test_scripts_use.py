@@ -11,7 +11,7 @@ import pytest
 
 import pythia_jax
 from pythia_jax import evaluate as ev
-from pythia_jax.generate import generate
+from pythia_jax.generation import generate
 from pythia_jax.tokenizer import load_tokenizer
 from test_evaluate import build_lambada_model, lambada_path
 
@@ -83,7 +83,24 @@ def test_generate_script_errors(export, capsys):
     assert rc == 2 and "top_p" in err
 
 
-def test_evaluate_script_lambada_and_perplexity(export, capsys, shared_data, tmp_path):
+def prefill_lambada_cache(cache, src, monkeypatch):
+    """`src` as the hub dataset's LAMBADA file in an HF cache (huggingface_hub's layout:
+    refs/main -> snapshots/COMMIT/FILE), with huggingface_hub pointed at it, offline."""
+    import huggingface_hub.constants as hub_constants
+    from pythia_jax.cli import LAMBADA_HUB_FILE, LAMBADA_HUB_REPO
+    repo = cache / ("datasets--" + LAMBADA_HUB_REPO.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    dst = repo / "snapshots" / commit / LAMBADA_HUB_FILE
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(open(src, "rb").read())
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_evaluate_script_lambada_and_perplexity(export, capsys, shared_data, tmp_path,
+                                                monkeypatch):
     from pythia_jax.data.indexed import write_indexed_dataset
     d, model = export
     rc, out, err = _run("evaluate", [f"--model={d}", "--task=lambada_openai",
@@ -95,10 +112,11 @@ def test_evaluate_script_lambada_and_perplexity(export, capsys, shared_data, tmp
     assert res["num_examples"] == 20 and res["acc"] == want["acc"]
     assert res["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
     assert json.loads((tmp_path / "res.json").read_text()) == res
-    # the shared LAMBADA file is the default data
+    # the default data: the hub dataset's LAMBADA file, here from a pre-filled HF cache, offline
+    prefill_lambada_cache(tmp_path / "hub", lambada_path(shared_data), monkeypatch)
     rc, out, err = _run("evaluate", [f"--model={d}", "--task=lambada_openai", "--limit=20"],
                         capsys)
-    assert rc == 0 and json.loads(out)["acc"] == res["acc"]
+    assert rc == 0 and json.loads(out)["acc"] == res["acc"], err
 
     rng = np.random.default_rng(0)
     prefix = tmp_path / "val_text_document"

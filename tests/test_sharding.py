@@ -21,22 +21,27 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8), (1, 8, 1)]
-ACCUM_CASES = [((2, 2, 2), 2)]   # (mesh, grad_accum_steps)
+# the per-step vs per-microbatch reduction check: pure data, data+fsdp, data+fsdp+tensor (the
+# pure-fsdp and pure-tensor meshes add compiles, not cases: (1, 8, 1) is (2, 4, 1)'s fsdp path,
+# and (1, 1, 8) has one batch shard, where "step" is the per-microbatch program)
+REDUCE_MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+# (mesh, grad_accum_steps, train.grad_reduce): "auto" is "microbatch" with fsdp, else "step"
+ACCUM_CASES = [((2, 2, 2), 2, "auto"), ((2, 2, 2), 2, "step"), ((8, 1, 1), 2, "auto")]
+REDUCE_OPS = ("all-reduce", "reduce-scatter")
 DIRECT_INIT = {(2, 2, 2)}   # meshes whose state is initialized directly sharded (the others
                             # receive the reference's initial values: one init compile less)
 RTOL = 1e-5
 
 
-def tiny_train_config(mesh_shape, grad_accum_steps: int = 0, num_heads: int = 8):
+def tiny_train_config(mesh_shape, grad_accum_steps: int = 0, num_heads: int = 8,
+                      grad_reduce: str = "auto"):
     """configs/smoke.py shrunk: d=64, 2 layers, vocab 256, fp32, batch 16 x 16 tokens."""
-    import importlib.util
-
     import ml_collections
 
-    spec = importlib.util.spec_from_file_location("_smoke_cfg", REPO / "configs" / "smoke.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    from pythia_jax.configs import smoke
+    from pythia_jax.sharding import MESH_AXES
+
+    c = smoke.get_config()
     c.model.hidden_size = 64
     c.model.num_layers = 2
     c.model.num_heads = num_heads
@@ -50,12 +55,13 @@ def tiny_train_config(mesh_shape, grad_accum_steps: int = 0, num_heads: int = 8)
     c.train.seq_len = 16
     c.train.grad_accum_steps = grad_accum_steps
     c.train.microbatch_per_device = 0
+    c.train.grad_reduce = grad_reduce
     # no warmup: the first update already moves the parameters, so the losses and gradients
     # of steps 2 and 3 depend on the sharded optimizer update too
     c.optim.warmup_steps = 0
     c.optim.peak_lr = 1e-3
     c.optim.decay_steps = 100
-    c.mesh.shape = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
+    c.mesh.shape = ml_collections.ConfigDict(dict(zip(MESH_AXES, mesh_shape)))
     return c
 
 
@@ -113,17 +119,99 @@ def _sharding_problems(tree, expected, mesh, what):
     return problems, matched
 
 
+def _case_key(mesh_shape, accum, reduce) -> str:
+    return (f"{mesh_shape}" + (f" accum={accum}" if accum else "")
+            + (f" reduce={reduce}" if reduce != "auto" else ""))
+
+
+def _gradient_shapes(setup) -> set:
+    """Every shape (size-1 dims dropped) a gradient can have in the compiled step: the whole
+    parameter, one device's shard, and both per layer (scanned layers stack on dim 0)."""
+    L = setup.model_cfg.num_layers
+    out = set()
+    for a, sh in zip(jax_leaves(setup.abstract_state.params),
+                     jax_leaves(setup.state_shardings.params)):
+        for shape in (tuple(a.shape), tuple(sh.shard_shape(a.shape))):
+            out.add(tuple(d for d in shape if d != 1))
+            if len(shape) > 1 and shape[0] == L:
+                out.add(tuple(d for d in shape[1:] if d != 1))
+    return out
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def _reduce_modes(mesh_shape, host_params, tok, accum: int = 2) -> dict:
+    """Loss and gradients of one batch (`train._grads`, grad_accum=2) with the gradients reduced
+    per microbatch and once per step, and where the compiled programs reduce: the bytes one
+    device sends through all-reduce / reduce-scatter per step inside the accumulation loop
+    (or a layer loop within it) and after it, and the in-loop reductions of gradient shape."""
+    import math
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from pythia_jax import sharding as shd
+    from pythia_jax import train
+
+    out: dict = {"modes": {}}
+    values = {}
+    for mode in ("microbatch", "step"):
+        cfg = tiny_train_config(mesh_shape, accum, grad_reduce=mode)
+        mesh = train.make_mesh(cfg)
+        _, setup = train.create_train_state(cfg, mesh, init=False)
+        p_sh = setup.state_shardings.params
+
+        def grads(params, inputs, targets, setup=setup, mesh=mesh):
+            with shd.logical_rules(mesh):
+                return train._grads(setup, params, inputs, targets)
+
+        fn = jax.jit(grads, in_shardings=(p_sh, setup.batch_sharding, setup.batch_sharding),
+                     out_shardings=(NamedSharding(mesh, P()), p_sh))
+        args = (jax.device_put(host_params, p_sh),
+                jax.device_put(tok[:, :-1], setup.batch_sharding),
+                jax.device_put(tok[:, 1:], setup.batch_sharding))
+        compiled = fn.lower(*args).compile()
+        loss, g = compiled(*args)
+        values[mode] = (float(loss), _flat(g))
+        grad_shapes = _gradient_shapes(setup)
+        in_loop = after = 0
+        grad_shaped = []
+        for c in shd.hlo_collectives(compiled.as_text()):
+            if c["op"] not in REDUCE_OPS or c["group"] <= 1:
+                continue
+            runs = math.prod(n or 1 for n in c["loops"])
+            if c["loops"]:
+                in_loop += c["bytes"] * runs
+                for _, shape in c["shapes"]:
+                    if tuple(d for d in shape if d != 1) in grad_shapes and len(shape) > 0:
+                        grad_shaped.append(f"{c['op']} {shape} in loops {c['loops']}")
+            else:
+                after += c["bytes"]
+        out["modes"][mode] = {"resolved": setup.grad_reduce, "accum": setup.grad_accum,
+                              "in_loop_bytes": in_loop, "after_loop_bytes": after,
+                              "grad_shaped_in_loop": grad_shaped}
+    (l_mb, g_mb), (l_st, g_st) = values["microbatch"], values["step"]
+    out["loss_rel"] = abs(l_st - l_mb) / abs(l_mb)
+    out["grads_rel"] = _max_rel(g_st, g_mb)
+    out["param_bytes"] = sum(4 * int(np.prod(a.shape)) for a in
+                             jax_leaves(setup.abstract_state.params))
+    return out
+
+
 def _worker(out_dir: str) -> None:
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from pythia_jax import checkpoint as ckpt_lib
-    from pythia_jax import hf
+    from pythia_jax import hf, pretrained
     from pythia_jax import sharding as shd
     from pythia_jax import train
     from pythia_jax.config import ModelConfig
-    from pythia_jax.model import GPTNeoX
+    from pythia_jax.model import GPTNeoX, sharded_model
 
     assert jax.device_count() == 8, jax.devices()
     out = pathlib.Path(out_dir)
@@ -135,10 +223,10 @@ def _worker(out_dir: str) -> None:
         return [{"inputs": jax.device_put(t[:, :-1], setup.batch_sharding),
                  "targets": jax.device_put(t[:, 1:], setup.batch_sharding)} for t in tokens]
 
-    def run(mesh_shape, accum=0, devices=None, init_from=None):
-        """Two train steps. The state is initialized directly sharded on this mesh, or (to save
-        compile time) `init_from`'s host values are placed with the setup's shardings."""
-        cfg = tiny_train_config(mesh_shape, accum)
+    def run(mesh_shape, accum=0, devices=None, init_from=None, reduce="auto"):
+        """Three train steps. The state is initialized directly sharded on this mesh, or (to
+        save compile time) `init_from`'s host values are placed with the setup's shardings."""
+        cfg = tiny_train_config(mesh_shape, accum, grad_reduce=reduce)
         mesh = train.make_mesh(cfg, devices=devices)
         if init_from is None:
             state, setup = train.create_train_state(cfg, mesh)
@@ -165,18 +253,19 @@ def _worker(out_dir: str) -> None:
             "opt1": _flat(s1.opt_state),
             "params": _flat(s3.params), "opt": _flat(s3.opt_state),
             "problems": problems + p_opt, "n_params": n_params, "n_opt": n_opt,
-            "grad_accum": setup.grad_accum,
+            "grad_accum": setup.grad_accum, "grad_reduce": setup.grad_reduce,
             "sharded_leaves": sum(1 for x in jax.tree.leaves(s3.params)
                                   if x.addressable_shards[0].data.shape != x.shape),
         }
 
     ref = run((1, 1, 1), devices=jax.devices()[:1])
     results["reference"] = {"step_losses": ref["step_losses"], "lrs": ref["lrs"]}
-    cases = [(m, 0) for m in MESHES] + ACCUM_CASES
-    for mesh_shape, accum in cases:
+    cases = [(m, 0, "auto") for m in MESHES] + ACCUM_CASES
+    for mesh_shape, accum, reduce in cases:
         direct = mesh_shape in DIRECT_INIT and not accum
-        r = run(mesh_shape, accum, init_from=None if direct else ref["host_state0"])
-        key = f"{mesh_shape}" + (f" accum={accum}" if accum else "")
+        r = run(mesh_shape, accum, init_from=None if direct else ref["host_state0"],
+                reduce=reduce)
+        key = _case_key(mesh_shape, accum, reduce)
         results["cases"][key] = {
             "direct_init": direct,
             "init_rel": _max_rel(r["init_params"], ref["init_params"]),
@@ -193,10 +282,17 @@ def _worker(out_dir: str) -> None:
                                 for k in r["params"]),
             "sharding_problems": r["problems"], "n_params": r["n_params"],
             "n_opt_leaves_checked": r["n_opt"], "grad_accum": r["grad_accum"],
+            "grad_reduce": r["grad_reduce"],
             "sharded_leaves": r["sharded_leaves"],
         }
         if mesh_shape == (2, 4, 1) and not accum:
             saved = r
+
+    # ---- gradients reduced per microbatch vs once per step: values and the compiled HLO ----
+    results["reduce"] = {}
+    for mesh_shape in REDUCE_MESHES:
+        results["reduce"][str(mesh_shape)] = _reduce_modes(mesh_shape, ref["host_state0"].params,
+                                                           tokens[0])
 
     # ---- checkpoint saved on (2,4,1), restored on (8,1,1) here and on (1,1,1) by the parent --
     workdir = out / "ckpt_run"
@@ -250,7 +346,7 @@ def _worker(out_dir: str) -> None:
         for mesh_shape in [(1, 2, 4), (1, 1, 8), (2, 2, 2)]:
             reads.clear()
             mesh = shd.make_mesh(mesh_shape)
-            loaded = hf.from_pretrained(hf_dir, mesh=mesh)
+            loaded = pretrained.from_pretrained(hf_dir, mesh=mesh)
             state = nnx.state(loaded, nnx.Param)
             got = _flat(state)
             expected = _expected_param_specs(cfg4, mesh)
@@ -271,9 +367,9 @@ def _worker(out_dir: str) -> None:
     finally:
         jax.make_array_from_callback = original
 
-    # ---- shd.sharded_model: the same init values, created sharded ------------------------------
+    # ---- model.sharded_model: the same init values, created sharded ------------------------------
     mesh = shd.make_mesh((2, 2, 2))
-    sm = shd.sharded_model(cfg4, mesh, seed=5)
+    sm = sharded_model(cfg4, mesh, seed=5)
     dense = _flat(nnx.state(GPTNeoX(cfg4, rngs=nnx.Rngs(5)), nnx.Param))
     got = _flat(nnx.state(sm, nnx.Param))
     problems = []
@@ -356,6 +452,67 @@ def test_tree_shardings_follow_param_axes_and_replicate_the_rest():
     assert all(s.mesh == mesh for s in leaves)
 
 
+HLO_WITH_LOOPS = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%layer_body (p: (s32[], f32[64,16])) -> (s32[], f32[64,16]) {
+  %p = (s32[], f32[64,16]{1,0}) parameter(0)
+  %g = f32[64,16]{1,0} get-tuple-element(%p), index=1
+  %ar = f32[64,16]{1,0} all-reduce(%g), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[64,16]{1,0}) tuple(%i, %ar)
+}
+
+%cond (p: (s32[], f32[64,16])) -> pred[] {
+  %p = (s32[], f32[64,16]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+%cond_lt (p: (s32[], f32[64,16])) -> pred[] {
+  %n = s32[]{:T(128)} constant(3)
+  %p = (s32[], f32[64,16]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT, backend_config={"flag_configs":[]}
+}
+
+%accum_body (p: (s32[], f32[64,16])) -> (s32[], f32[64,16]) {
+  %p = (s32[], f32[64,16]{1,0}) parameter(0)
+  ROOT %w = (s32[], f32[64,16]{1,0}) while(%p), condition=%cond_lt, body=%layer_body
+}
+
+ENTRY %main (x: f32[64,16]) -> f32[16,16] {
+  %x = f32[64,16]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[64,16]{1,0}) tuple(%z, %x)
+  %w = (s32[], f32[64,16]{1,0}) while(%t), condition=%cond, body=%accum_body, backend_config={"known_trip_count":{"n":"16"}}
+  %y = f32[64,16]{1,0} get-tuple-element(%w), index=1
+  %ag = bf16[8,16]{1,0} all-gather(%x), channel_id=3, replica_groups={{0,1},{2,3}}, dimensions={0}
+  ROOT %rs = f32[16,16]{1,0} reduce-scatter(%y), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_hlo_collectives_places_each_collective_in_its_loops():
+    from pythia_jax.sharding import hlo_collectives
+    found = {c["op"]: c for c in hlo_collectives(HLO_WITH_LOOPS)}
+    assert set(found) == {"all-reduce", "reduce-scatter", "all-gather"}
+    ar, rs, ag = found["all-reduce"], found["reduce-scatter"], found["all-gather"]
+    # inside the layer loop (trip count from its `i < 3` condition, as libtpu leaves it)
+    # inside the accumulation loop (XLA's known_trip_count): runs 16 x 3 times per call
+    assert ar["loops"] == [16, 3] and ar["group"] == 4 and ar["bytes"] == 64 * 16 * 4
+    assert ar["shapes"] == [("f32", (64, 16))] and ar["computation"] == "layer_body"
+    # after the loop; a reduce-scatter sends its operand (result x group)
+    assert rs["loops"] == [] and rs["group"] == 4 and rs["bytes"] == 16 * 16 * 4 * 4
+    assert ag["loops"] == [] and ag["group"] == 2 and ag["bytes"] == 8 * 16 * 2
+    with pytest.raises(ValueError, match="no ENTRY"):
+        hlo_collectives("HloModule empty")
+
+
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding8")
@@ -376,7 +533,7 @@ def test_train_step_on_every_mesh_matches_one_device(eight_device_results):
     ref = res["reference"]
     assert min(ref["lrs"]) > 0  # every update moves the parameters
     assert sum(c["direct_init"] for c in res["cases"].values()) == len(DIRECT_INIT)
-    expected = {f"{m}" for m in MESHES} | {f"{m} accum={a}" for m, a in ACCUM_CASES}
+    expected = {f"{m}" for m in MESHES} | {_case_key(*c) for c in ACCUM_CASES}
     assert set(res["cases"]) == expected
     for name, c in res["cases"].items():
         assert c["sharding_problems"] == [], name
@@ -391,6 +548,34 @@ def test_train_step_on_every_mesh_matches_one_device(eight_device_results):
     for name in ("(2, 4, 1)", "(2, 2, 2)", "(1, 1, 8)", "(1, 8, 1)"):
         assert res["cases"][name]["sharded_leaves"] >= 6, name
     assert res["cases"]["(2, 2, 2) accum=2"]["grad_accum"] == 2
+    # auto: the fsdp mesh keeps the sharded (per-microbatch) accumulator, the data mesh does not
+    assert res["cases"]["(2, 2, 2) accum=2"]["grad_reduce"] == "microbatch"
+    assert res["cases"]["(2, 2, 2) accum=2 reduce=step"]["grad_reduce"] == "step"
+    assert res["cases"]["(8, 1, 1) accum=2"]["grad_reduce"] == "step"
+
+
+@pytest.mark.slow
+def test_gradients_reduced_once_per_step_match_and_leave_the_loop(eight_device_results):
+    """grad_reduce="step" vs "microbatch" (grad_accum=2): the same loss and gradients, and in
+    the compiled program no reduction of gradient shape inside the accumulation loop."""
+    _, res = eight_device_results
+    assert set(res["reduce"]) == {f"{m}" for m in REDUCE_MESHES}
+    for name, r in res["reduce"].items():
+        mb, st = r["modes"]["microbatch"], r["modes"]["step"]
+        assert mb["accum"] == st["accum"] == 2, name
+        assert r["loss_rel"] < RTOL and r["grads_rel"] < RTOL, (name, r)
+        assert st["grad_shaped_in_loop"] == [], (name, st)
+        # every mesh here splits the batch
+        # positive control: the per-microbatch program does reduce gradients in the loop
+        assert mb["grad_shaped_in_loop"], (name, mb)
+        # once per step: every gradient (this device's tensor slice of it), after the loop
+        tensor = int(name.strip("()").split(",")[2])
+        assert st["after_loop_bytes"] >= r["param_bytes"] / tensor, (name, r)
+        assert st["in_loop_bytes"] + st["after_loop_bytes"] < (
+            mb["in_loop_bytes"] + mb["after_loop_bytes"]), (name, r)
+        if name in ("(8, 1, 1)", "(2, 4, 1)"):
+            # no tensor axis: nothing at all is reduced inside the loop
+            assert st["in_loop_bytes"] == 0, (name, st)
 
 
 @pytest.mark.slow

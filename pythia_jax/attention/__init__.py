@@ -9,6 +9,11 @@
   auto   TPU: pallas (or splash where it won the benchmark), GPU: cudnn, CPU: xla; falls back to
          xla, with a log line, for shapes/dtypes the chosen kernel cannot handle
 
+The platform is the one attention is traced for (`target_platform` / `current_platform`, in
+`pythia_jax.attention.target`): this process's backend unless a block says otherwise, e.g.
+`with target_platform("tpu"):` around a deviceless TPU compile on a CPU host, which then picks
+the TPU kernels and compiles them as Mosaic kernels instead of Pallas interpret mode.
+
 Kernels are opaque custom calls that XLA's partitioner cannot split, so under an active mesh
 (`pythia_jax.sharding.logical_rules(mesh)`) they run inside `jax.shard_map`: batch over the mesh
 axes of the `batch` rule (data, fsdp), heads over those of `act_heads` (tensor); the sequence
@@ -24,12 +29,17 @@ import os
 import jax
 from jax.sharding import PartitionSpec
 
+from pythia_jax.attention import cudnn, splash
 from pythia_jax.attention.pallas_tpu import (BlockSizes, UnsupportedShapeError, check_supported,
                                              pallas_attention)
+from pythia_jax.attention.target import current_platform, target_platform
 from pythia_jax.attention.xla import xla_attention
+from pythia_jax.layers import apply_rotary
+from pythia_jax.sharding import active_mesh, logical_to_spec
 
 __all__ = ["attend", "resolve_impl", "xla_attention", "pallas_attention", "BlockSizes",
-           "UnsupportedShapeError", "IMPLS", "AUTO_TPU_PREFERENCE", "AUTO_TPU_ENV"]
+           "UnsupportedShapeError", "IMPLS", "AUTO_TPU_PREFERENCE", "AUTO_TPU_ENV",
+           "target_platform", "current_platform"]
 
 IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 
@@ -63,16 +73,15 @@ def _check(impl, q_shape, k_shape, dtype, *, causal, rotary_dim):
     if impl == "pallas":
         check_supported(q_shape, k_shape, rotary_dim=rotary_dim, causal=causal)
     elif impl == "splash":
-        from pythia_jax.attention import splash
         splash.check_supported(q_shape, k_shape, causal=causal)
     elif impl == "cudnn":
-        from pythia_jax.attention import cudnn
         cudnn.check_supported(q_shape, k_shape, dtype, causal=causal)
 
 
 def resolve_impl(impl: str, q_shape, k_shape, dtype, *, causal: bool = True, mask=None,
                  rotary_dim: int | None = None, backend: str | None = None) -> str:
-    """The concrete implementation `attend` runs for `impl` on `backend` (default: JAX's).
+    """The concrete implementation `attend` runs for `impl` on `backend` (default: the platform
+    attention is traced for, `current_platform()`).
 
     Explicit impls are returned unchanged (their own checks raise clear errors). `auto` picks
     per backend and falls back to "xla", logging why, when the pick cannot take the shapes.
@@ -83,7 +92,7 @@ def resolve_impl(impl: str, q_shape, k_shape, dtype, *, causal: bool = True, mas
         return impl
     if mask is not None:
         return "xla"  # explicit masks (KV-cache decoding) are an xla-only feature
-    backend = backend or jax.default_backend()
+    backend = backend or current_platform()
     if backend == "tpu":
         choice = _tpu_choice()
     elif backend in ("gpu", "cuda"):
@@ -101,14 +110,12 @@ def resolve_impl(impl: str, q_shape, k_shape, dtype, *, causal: bool = True, mas
 
 
 def _apply_rotary(q, k, rotary):
-    from pythia_jax.model import apply_rotary  # lazy: model imports this package
     cos, sin = rotary
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def _shard_mapped(fn, q, k, v, rotary):
     """Run fn(q, k, v, rotary) per shard under the active mesh (or directly without one)."""
-    from pythia_jax.sharding import active_mesh, logical_to_spec
     mesh = active_mesh()
     if mesh is None:
         return fn(q, k, v, rotary)
@@ -125,23 +132,36 @@ def _shard_mapped(fn, q, k, v, rotary):
 
 
 def attend(q, k, v, *, impl: str = "xla", causal: bool = True, mask=None, rotary=None,
-           block_sizes: BlockSizes | None = None, interpret=None):
+           fused_rotary: bool | None = None, block_sizes: BlockSizes | None = None,
+           interpret=None):
     """Scaled dot-product attention with scale head_dim**-0.5 and softmax in float32.
 
     q [B, T, N, H]; k, v [B, S, N, H]. `mask` [B, T, S] bool (True = attend) is only supported
     by `xla` (and `auto`, which then uses xla). `rotary=(cos_BTR, sin_BTR)`: q and k come in
-    un-rotated; `pallas` rotates them inside the kernel, every other impl applies the same
-    rotary in XLA first. `block_sizes` / `interpret` are passed to the pallas kernel.
+    un-rotated and are rotated here, where the impl is resolved: inside the kernel when it is
+    `pallas` (explicit, or picked by `auto`), else in XLA before the chosen impl.
+    `fused_rotary` (`ModelConfig.fused_rotary`): None fuses wherever possible; False always
+    rotates in XLA; True is a request, and a chosen impl that cannot honour it (`auto` picking
+    xla / splash / cudnn) logs a warning on the `pythia_jax` logger and rotates in XLA.
+    `block_sizes` / `interpret` are passed to the pallas kernel.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention_impl: expected one of {IMPLS}, got {impl!r}")
+    if not (fused_rotary is None or isinstance(fused_rotary, bool)):
+        raise ValueError(f"fused_rotary: expected None, True or False, got {fused_rotary!r}")
     if mask is not None and impl not in ("xla", "auto"):
         raise ValueError(f"attention_impl={impl!r}: an explicit attention mask is only supported "
                          f"by 'xla'")
+    if rotary is not None and fused_rotary is False:
+        q, k = _apply_rotary(q, k, rotary)
+        rotary = None
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     chosen = resolve_impl(impl, q.shape, k.shape, q.dtype, causal=causal, mask=mask,
                           rotary_dim=rotary_dim)
     if rotary is not None and chosen != "pallas":
+        if fused_rotary:
+            logger.warning("fused_rotary=True: attention_impl=%r runs %r here, not our Pallas "
+                           "kernel; rotary is applied in XLA instead", impl, chosen)
         q, k = _apply_rotary(q, k, rotary)
         rotary = None
     if chosen == "xla":
@@ -164,12 +184,10 @@ def _pallas(q, k, v, rotary, *, causal, block_sizes, interpret):
 
 
 def _splash(q, k, v, rotary, *, causal, interpret):
-    from pythia_jax.attention.splash import splash_attention
     assert rotary is None
-    return splash_attention(q, k, v, causal=causal, interpret=interpret)
+    return splash.splash_attention(q, k, v, causal=causal, interpret=interpret)
 
 
 def _cudnn(q, k, v, rotary, *, causal):
-    from pythia_jax.attention.cudnn import cudnn_attention
     assert rotary is None
-    return cudnn_attention(q, k, v, causal=causal)
+    return cudnn.cudnn_attention(q, k, v, causal=causal)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from pythia_jax.attention.pallas_tpu import UnsupportedShapeError
+from pythia_jax.attention.target import current_platform
 
 __all__ = ["cudnn_attention", "check_supported"]
 
@@ -30,10 +31,10 @@ def check_supported(q_shape, k_shape, dtype, *, causal: bool = True) -> None:
 
 def cudnn_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True):
     """Causal (or full) attention with scale head_dim**-0.5 on a CUDA GPU -> [B, T, N, H]."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN; the default "
-                         f"backend is {backend!r}")
+    platform = current_platform()
+    if platform != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN; the target "
+                         f"platform is {platform!r}")
     check_supported(q_BTNH.shape, k_BSNH.shape, q_BTNH.dtype, causal=causal)
     H = q_BTNH.shape[-1]
     dtype = q_BTNH.dtype

@@ -36,8 +36,10 @@ Algorithm (FlashAttention-2 style, written for the TPU's (8, 128) tiling):
   inputs. The tables are treated as constants (`stop_gradient`; they are functions of integer
   positions).
 
-On CPU the kernels run in Pallas interpret mode automatically (`interpret=None`); pass
-`interpret=True` / `pltpu.InterpretParams(...)` / `False` to override.
+With `interpret=None` the kernels run in Pallas interpret mode when traced for CPU and as Mosaic
+kernels when traced for TPU (`pythia_jax.attention.target`: this process's backend, or the
+platform of an enclosing `target_platform(...)`); pass `interpret=True` /
+`pltpu.InterpretParams(...)` / `False` to override.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pythia_jax.attention.target import resolve_interpret
 
 __all__ = [
     "BlockSizes",
@@ -370,11 +374,16 @@ def _fwd_call(q, k, v, rot, st: _Static):
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=int(4 * B * N * T * S * H * frac),
-        transcendentals=int(B * N * T * S * frac),
-        bytes_accessed=int(itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac))
-                           + 4 * B * N * T))
+    rot_cost = (0, 0)
+    if st.rotary:  # q once per q block; k per compute chunk that runs
+        kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
+                                 lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=T + ran * bkc,
+                                tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
+                                        (bk, kv_seq)])
+    cost = _cost(4 * B * N * T * S * H * frac, B * N * T * S * frac,
+                 itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac)) + 4 * B * N * T,
+                 rot_cost)
     o, lse = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, N, nq, nk), in_specs=in_specs,
         out_specs=out_specs, scratch_shapes=scratch, compiler_params=_compiler_params(3),
@@ -388,6 +397,80 @@ def _causal_fraction(T, S):
     off = S - T
     visible = T * off + T * (T + 1) / 2
     return visible / (T * S)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused rotary's share of each kernel's cost estimate
+#: FLOPs per rotated element: x * cos + rotate_half(x) * sin is two multiplies and an add per
+#: rotary channel (the half swap and its sign flip are moves); the transposed rotation of a
+#: gradient (`_rotate_t`) counts the same.
+ROTARY_FLOPS_PER_ELEMENT = 3
+#: HBM bytes per fetched table row and rotary channel: the cos and the sin table, f32.
+ROTARY_TABLE_BYTES = 8
+
+
+def _kv_block(i: int, j: int, bq: int, bk: int, st: "_Static") -> int:
+    """The kv block the forward / dQ index maps give at step (i, j), in Python ints."""
+    return min(j, (i * bq + bq - 1 + st.offset) // bk) if st.causal else j
+
+
+def _q_block(j: int, i: int, bq: int, bk: int, st: "_Static") -> int:
+    """The q block the dK/dV index maps give at step (j, i), in Python ints."""
+    return max(i, max(j * bk - st.offset, 0) // bq) if st.causal else i
+
+
+def _chunks_run(r, w, b_res, b_walk, chunk, st: "_Static", *, kv_walk: bool) -> int:
+    """How many compute chunks run at grid step (resident block r, walked block w), by the rule
+    of `_causal_chunks`: all of them without causal masking, else those not entirely above the
+    diagonal. kv_walk: resident q blocks walking kv blocks in key chunks (forward, dQ); else
+    resident kv blocks walking q blocks in query chunks (dK/dV)."""
+    n = b_walk // chunk
+    if not st.causal:
+        return n
+    if kv_walk:  # chunk c: keys w*b_walk + c*chunk.. against queries up to row_last
+        row_last = r * b_res + b_res - 1 + st.offset
+        return sum(1 for c in range(n) if w * b_walk + c * chunk <= row_last)
+    col0 = r * b_res  # first key of the resident block against the chunk's last query
+    return sum(1 for c in range(n) if col0 <= w * b_walk + c * chunk + chunk - 1 + st.offset)
+
+
+def _grid_walk(n_res: int, n_walk: int, walk_index, chunks):
+    """One (batch, head) of a kernel whose last grid axis walks `n_walk` blocks for each of
+    `n_res` resident blocks: the walked block's index in grid order (what its index map returns,
+    clamped) and how many compute chunks run (`chunks(r, w)` at step (r, w))."""
+    seq, ran = [], 0
+    for r in range(n_res):
+        for w in range(n_walk):
+            seq.append(walk_index(r, w))
+            ran += chunks(r, w)
+    return seq, ran
+
+
+def _table_fetches(seq, B: int, N: int) -> int:
+    """Block fetches of a rotary table whose index follows `seq` in every (batch, head): the
+    pipeline copies a block only when its index changes from one grid step to the next, and a
+    table's index has no head component (a head's walk may start on the block the previous
+    head's ended on; a new batch row always fetches)."""
+    def changes(prev):
+        n = 0
+        for idx in seq:
+            n += idx != prev
+            prev = idx
+        return n
+    return B * (changes(None) + (N - 1) * changes(seq[-1]))
+
+
+def _rotary_cost(B, N, R, *, rotated_rows, tables):
+    """(flops, bytes) of the fused rotary: `rotated_rows` rows of R channels rotated per (batch,
+    head); `tables`: (block rows, index sequence) of each table BlockSpec pair (cos + sin)."""
+    flops = ROTARY_FLOPS_PER_ELEMENT * R * B * N * rotated_rows
+    rows = sum(block * _table_fetches(seq, B, N) for block, seq in tables)
+    return flops, ROTARY_TABLE_BYTES * R * rows
+
+
+def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0)):
+    return pl.CostEstimate(flops=int(flops) + rotary[0], transcendentals=int(transcendentals),
+                           bytes_accessed=int(bytes_accessed) + rotary[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,11 +556,16 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=int(6 * B * N * T * S * H * frac),
-        transcendentals=int(B * N * T * S * frac),
-        bytes_accessed=int(itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac))
-                           + 8 * B * N * T))
+    rot_cost = (0, 0)
+    if st.rotary:  # q once and dq back once per q block; k per compute chunk that runs
+        kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
+                                 lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * T + ran * bkc,
+                                tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
+                                        (bk, kv_seq)])
+    cost = _cost(6 * B * N * T * S * H * frac, B * N * T * S * frac,
+                 itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac)) + 8 * B * N * T,
+                 rot_cost)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(B, N, nq, nk),
         in_specs=in_specs, out_specs=q_spec, scratch_shapes=scratch,
@@ -573,11 +661,16 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=int(8 * B * N * T * S * H * frac),
-        transcendentals=int(B * N * T * S * frac),
-        bytes_accessed=int(itemsize * B * N * H * (4 * S + 2 * T * max(1, nk * frac))
-                           + 8 * B * N * T * max(1, nk * frac)))
+    rot_cost = (0, 0)
+    if st.rotary:  # k once and dk back once per kv block; q per compute chunk that runs
+        q_seq, ran = _grid_walk(nk, nq, lambda j, i: _q_block(j, i, bq, bk, st),
+                                lambda j, i: _chunks_run(j, i, bk, bq, bqc, st, kv_walk=False))
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * S + ran * bqc,
+                                tables=[(bk, [j for j in range(nk) for _ in range(nq)]),
+                                        (bq, q_seq)])
+    cost = _cost(8 * B * N * T * S * H * frac, B * N * T * S * frac,
+                 itemsize * B * N * H * (4 * S + 2 * T * max(1, nk * frac))
+                 + 8 * B * N * T * max(1, nk * frac), rot_cost)
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, N, nk, nq), in_specs=in_specs,
@@ -621,19 +714,6 @@ def _flash_bwd(st: _Static, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _resolve_interpret(interpret):
-    if interpret is not None:
-        return interpret
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return True
-    if backend != "tpu":
-        raise ValueError(
-            f"attention_impl='pallas' is a TPU (Mosaic) kernel; the default backend is "
-            f"{backend!r}. Use 'cudnn' or 'auto' on GPU, or pass interpret=True.")
-    return False
-
-
 def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_sizes,
                interpret, return_lse):
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
@@ -653,7 +733,7 @@ def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_s
         rot = (lax.stop_gradient(cos.astype(jnp.float32)),
                lax.stop_gradient(sin.astype(jnp.float32)))
     st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
-                 blocks=blocks, interpret=_resolve_interpret(interpret),
+                 blocks=blocks, interpret=resolve_interpret(interpret, "pallas"),
                  rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout)
     o, lse = _flash(q, k.astype(dtype), v.astype(dtype), rot, st)
     return o, lse[:, :, 0, :]

@@ -17,6 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from pythia_jax.attention.pallas_tpu import SEQ_MULTIPLE, UnsupportedShapeError
+from pythia_jax.attention.target import resolve_interpret
 
 __all__ = ["splash_attention", "check_supported", "default_block_sizes"]
 
@@ -67,18 +68,6 @@ def _kernel(N: int, T: int, S: int, causal: bool, blocks: sk.BlockSizes, interpr
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _resolve_interpret(interpret):
-    if interpret is not None:
-        return interpret
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return True
-    if backend != "tpu":
-        raise ValueError(f"attention_impl='splash' is a TPU kernel; the default backend is "
-                         f"{backend!r}. Use 'cudnn' or 'auto' on GPU, or pass interpret=True.")
-    return False
-
-
 def splash_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True,
                      block_sizes: sk.BlockSizes | None = None, interpret=None):
     """Causal (or full) attention with scale head_dim**-0.5 -> [B, T, N, H] in q's dtype."""
@@ -86,7 +75,7 @@ def splash_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True,
     B, T, N, H = q_BTNH.shape
     S = k_BSNH.shape[1]
     blocks = block_sizes or default_block_sizes(T, S)
-    kernel = _kernel(N, T, S, bool(causal), blocks, _resolve_interpret(interpret))
+    kernel = _kernel(N, T, S, bool(causal), blocks, resolve_interpret(interpret, "splash"))
     dtype = q_BTNH.dtype
     q = (q_BTNH.astype(jnp.float32) * (H ** -0.5)).astype(dtype)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  BTNH <-> BNTH

@@ -3,19 +3,26 @@
 `compile_report(chip, impl, B, N, T, H, ...)` lowers and compiles `attend` (forward, or forward +
 backward) for a TPU topology with the real XLA:TPU + Mosaic compiler running on the CPU, inside
 `jax.shard_map(..., check_vma=False)` over a mesh built from the topology's devices (the path
-`attend` takes under `pythia_jax.sharding.logical_rules`). It returns what the compiler tells:
+`attend` takes under `pythia_jax.sharding.logical_rules`), traced inside
+`target_platform("tpu")` (Mosaic kernels, not interpret mode). It returns what the compiler
+tells:
 
 * `vmem_bytes`: per Mosaic kernel, the scoped VMEM the compiler allocated for it
   (`used_scoped_memory_configs` of each `tpu_custom_call`, memory space 1 = VMEM);
 * `temp_bytes`: HBM scratch of the whole program (`memory_analysis()`);
 * `xla_seconds`: the compiler's own cost-model time for the program (`cost_analysis()` key
-  `optimal_seconds`). The TPU compiler gives no estimate for Mosaic custom calls, so for
-  programs containing kernels this is `None` and `xla_glue_cycles` (the summed
-  `estimated_cycles` of the XLA ops around the kernels: transposes, scaling, di) is reported;
+  `optimal_seconds`, a per-op roofline: max(FLOPs / peak, bytes / HBM bandwidth) per op). A
+  Mosaic call is priced from its `pl.CostEstimate` (ours declare one, so a kernel counts at
+  100 % of MXU peak); a kernel without an estimate (splash) is priced at zero. Because that
+  makes the figure a statement about our declared estimates rather than the kernels, it is
+  `None` for programs containing kernels, and `xla_glue_cycles` (the summed
+  `estimated_cycles` of the XLA ops around the kernels: transposes, scaling, di; Mosaic
+  calls carry no cycle estimate) is reported instead;
 * `flops` / `bytes_accessed`: from `cost_analysis()` (for our kernels these are our
-  `pl.CostEstimate`s; splash reports none).
+  `pl.CostEstimate`s; splash declares none, so it adds nothing).
 
-Used by tests/test_attention_tpu_compile.py (the compile gate) and bench/attention.py.
+Used by tests/test_attention_tpu_compile.py (the compile gate) and bench/attention.py; `CHIPS`
+(the per-chip figures) and `topology_desc` by the train-step reports of `pythia_jax.aot`.
 """
 
 from __future__ import annotations
@@ -28,16 +35,34 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["TOPOLOGIES", "CHIP_PEAK", "PYTHIA_SHAPES", "CompileReport", "compile_report",
-           "libtpu_error", "VMEM_BUDGET_BYTES"]
+from pythia_jax.attention import attend
+from pythia_jax.attention.target import target_platform
+from pythia_jax.sharding import BATCH_AXES, MESH_AXES, logical_rules
 
+__all__ = ["Chip", "CHIPS", "TOPOLOGIES", "PYTHIA_SHAPES", "CompileReport",
+           "compile_report", "libtpu_error", "topology_desc", "VMEM_BUDGET_BYTES"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures of a TPU generation (Cloud TPU docs). v4 and v5p are one JAX device per
+    chip (megacore); v5e and v6e have one TensorCore per chip."""
+    peak_tflops: float   # bf16 dense TFLOP/s
+    hbm_gbps: float      # HBM bandwidth, GB/s
+    hbm_gib: int         # HBM capacity, GiB
+
+
+CHIPS = {
+    "v4": Chip(peak_tflops=275.0, hbm_gbps=1200.0, hbm_gib=32),
+    "v5e": Chip(peak_tflops=197.0, hbm_gbps=819.0, hbm_gib=16),
+    "v5p": Chip(peak_tflops=459.0, hbm_gbps=2765.0, hbm_gib=95),
+    "v6e": Chip(peak_tflops=918.0, hbm_gbps=1640.0, hbm_gib=32),
+}
 #: chip -> deviceless topology name of one chip.
 TOPOLOGIES = {"v4": "v4:1x1x1", "v5e": "v5e:1x1", "v5p": "v5p:1x1x1", "v6e": "v6e:1x1"}
-#: chip -> (bf16 dense TFLOP/s, HBM GB/s) per chip (Cloud TPU docs), for roofline estimates.
-CHIP_PEAK = {"v4": (275.0, 1200.0), "v5e": (197.0, 819.0), "v5p": (459.0, 2765.0),
-             "v6e": (918.0, 1640.0)}
 #: The smallest default scoped-VMEM limit of these chips (v4: 16 MiB); every kernel must fit.
 VMEM_BUDGET_BYTES = 16 * 1024 * 1024
 #: head_dim -> (Pythia model, heads) at batch 8, length 2048.
@@ -50,14 +75,15 @@ def libtpu_error() -> str | None:
     try:
         import libtpu  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        return (f"libtpu cannot be imported ({type(e).__name__}: {e}); the TPU compile gate "
-                f"needs it: pip install 'pythia-jax[tpu]' (libtpu==0.0.52)")
+        return (f"libtpu cannot be imported ({type(e).__name__}: {e}); deviceless TPU "
+                f"compiles need it (it is the TPU compiler): pip install 'pythia-jax[tpu]' "
+                f"(libtpu==0.0.52)")
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _topology(name: str):
-    from jax.experimental import topologies
+def topology_desc(name: str):
+    """libtpu's description of the TPU topology `name` (e.g. "v5e:2x2"), no TPU needed."""
     return topologies.get_topology_desc(name, platform="tpu")
 
 
@@ -87,8 +113,9 @@ class CompileReport:
         """max(flops / peak, bytes / HBM bandwidth): a derived floor, not the compiler's."""
         if not self.flops or self.flops <= 0:
             return None
-        tf, bw = CHIP_PEAK[self.chip]
-        return max(self.flops / (tf * 1e12), (self.bytes_accessed or 0) / (bw * 1e9))
+        c = CHIPS[self.chip]
+        return max(self.flops / (c.peak_tflops * 1e12),
+                   (self.bytes_accessed or 0) / (c.hbm_gbps * 1e9))
 
 
 _INSTR_START = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
@@ -130,18 +157,13 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
                    mesh_shape: tuple[int, int, int] = (1, 1, 1), block_sizes=None,
                    keep_hlo: bool = False) -> CompileReport:
     """Compile `attend(impl=...)` (forward, or forward + vjp) for one TPU chip, deviceless."""
-    from pythia_jax.attention import attend
-    from pythia_jax.sharding import MESH_AXES, logical_rules
-
-    topo = _topology(TOPOLOGIES[chip] if ":" not in chip else chip)
+    topo = topology_desc(TOPOLOGIES[chip] if ":" not in chip else chip)
     chip_key = chip.split(":")[0]
     n = int(np.prod(mesh_shape))
     mesh = Mesh(np.array(topo.devices[:n]).reshape(mesh_shape), MESH_AXES)
     rep = CompileReport(chip_key, impl, backward, (B, T, N, H), rotary, ok=False)
     R = H // 4
-    kwargs = {"interpret": False} if impl in ("pallas", "splash") else {}
-    if impl == "pallas" and block_sizes is not None:
-        kwargs["block_sizes"] = block_sizes
+    kwargs = {"block_sizes": block_sizes} if impl == "pallas" and block_sizes is not None else {}
 
     def fwd(q, k, v, cos, sin):
         with logical_rules(mesh):
@@ -152,13 +174,14 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
         o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, cos, sin), q, k, v)
         return (o,) + tuple(vjp(o))
 
-    x_sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-    t_sh = NamedSharding(mesh, P(("data", "fsdp"), None, None))
+    x_sh = NamedSharding(mesh, P(BATCH_AXES, None, "tensor", None))
+    t_sh = NamedSharding(mesh, P(BATCH_AXES, None, None))
     x = jax.ShapeDtypeStruct((B, T, N, H), dtype, sharding=x_sh)
     tab = jax.ShapeDtypeStruct((B, T, R), jnp.float32, sharding=t_sh)
     t0 = time.perf_counter()
     try:
-        compiled = jax.jit(fwd_bwd if backward else fwd).lower(x, x, x, tab, tab).compile()
+        with target_platform("tpu"):
+            compiled = jax.jit(fwd_bwd if backward else fwd).lower(x, x, x, tab, tab).compile()
     except Exception as e:  # noqa: BLE001  - reported, the caller decides
         rep.error = f"{type(e).__name__}: {e}"
         rep.compile_s = time.perf_counter() - t0

@@ -5,8 +5,8 @@ each head's matmuls are plain batched GEMMs) with the normalisation deferred to 
 (o = (e v) / sum(e), e = exp(s - max s): one exponential per score, as a flash kernel does).
 Causal attention is split into query blocks that each see only the keys up to their last
 position, skipping most of the masked upper triangle (up to 4 blocks: 10/16 of the full
-score FLOPs); the result is the same up to float rounding. The blocks are used on the CPU
-backend only (elsewhere: one block; see `_query_blocks`). This is the `xla` impl of `attend`
+score FLOPs); the result is the same up to float rounding. The blocks are used when tracing for
+CPU only (`target.current_platform()`; elsewhere: one block; see `_query_blocks`). This is the `xla` impl of `attend`
 and the path for CPU; on CPU it makes the 160m forward about 8% faster than the unblocked,
 token-major form (bench/forward.py).
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pythia_jax.attention.target import current_platform
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 #: Causal attention with at least 2 * this many queries is split into query blocks.
@@ -24,7 +26,7 @@ MIN_QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 4
 
 
-#: Backends on which causal attention is split into query blocks: CPU only, where it is
+#: Platforms for which causal attention is split into query blocks: CPU only, where it is
 #: measured faster and checked by the tests. On an H100 (jax 0.11.2) XLA:GPU compiled the
 #: blocked bf16 attention followed by the output projection to wrong values
 #: (`bench/gpu_blocked_attention_repro.py`); TPUs never ran it.
@@ -32,7 +34,7 @@ BLOCKED_BACKENDS = ("cpu",)
 
 
 def _query_blocks(T: int, causal: bool, has_mask: bool) -> list[tuple[int, int]]:
-    if jax.default_backend() not in BLOCKED_BACKENDS:
+    if current_platform() not in BLOCKED_BACKENDS:
         return [(0, T)]
     if not causal or has_mask or T < 2 * MIN_QUERY_BLOCK:
         return [(0, T)]

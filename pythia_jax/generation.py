@@ -10,12 +10,13 @@ compiled prefill); all further tokens come from one `lax.while_loop` (one compil
 stops when every sequence has produced an EOS token or `max_new_tokens` tokens. Shapes depend
 only on the batch size and the length buckets, so calls with similar lengths do not recompile.
 
-The loop body is a single-token specialization of the model's layer (`_decode_layer`, checked
-against full recomputation in the tests): per-layer weights are sliced once before the loop and
-the per-layer caches are stored as keys [B, N, H, S] / values [B, N, S, H], because slicing the
-stacked [L, ...] parameters inside the loop made XLA:CPU copy every layer's weights (and
-transpose the cache) on every step. On the CPU backend the loop also runs feature-major
-(activations [D, B], kernels transposed once per call to [out, in]): XLA:CPU's small-batch
+The loop body runs the model's own layer (`layers.decoder_layer`, the same function as
+training and prefill) for one token per row, with an attention step that writes the new key
+and value into a per-layer cache stored as keys [B, N, H, S] / values [B, N, S, H]; per-layer
+weights are sliced once before the loop, because slicing the stacked [L, ...] parameters inside
+the loop made XLA:CPU copy every layer's weights (and transpose the cache) on every step. On
+the CPU backend the loop runs the layer in its feature-major layout (`layers.FEATURE_MAJOR`:
+activations [D, B], kernels transposed once per call to [out, in]): XLA:CPU's small-batch
 matmuls stream weights about twice as fast in that orientation (`FEATURE_MAJOR_DECODE`).
 
 Sampling order (as in HF): temperature, then top-k, then top-p, then a categorical draw.
@@ -31,9 +32,7 @@ import dataclasses
 import functools
 import itertools
 import queue
-import sys
 import threading
-import types
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -43,13 +42,13 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from pythia_jax.attention.xla import MASK_VALUE
-from pythia_jax.model import (GPTNeoX, KVCache, apply_rotary, dtype_of, layer_norm,
-                              rotary_tables)
+from pythia_jax.layers import FEATURE_MAJOR, ROW, decoder_layer, dtype_of, rotary_tables
+from pythia_jax.model import GPTNeoX, KVCache
+from pythia_jax.tokenizer import PAD_ID
 
 __all__ = ["generate", "stream_generate", "generate_arrays", "GenerationOutput",
            "prepare_prompts", "filter_logits", "sample_logits", "bucket_length"]
 
-PAD_ID = 1  # <|padding|>
 #: Decode loop layout: None = feature-major on the CPU backend (faster matmuls there, at the
 #: cost of a transposed copy of the layer weights per call), row-major elsewhere.
 FEATURE_MAJOR_DECODE: bool | None = None
@@ -178,23 +177,40 @@ def sample_logits(logits_BV, key, *, temperature, top_k=None, top_p=None, greedy
 
 @dataclasses.dataclass(frozen=True)
 class _Sampling:
+    """The static part of the decoding choice (one compiled program per combination)."""
     greedy: bool
     top_k: int | None
     use_top_p: bool
+    penalty: bool = False   # repetition_penalty != 1: track the tokens each row holds
+    min_new: bool = False   # min_new_tokens > 0: mask the EOS ids for the first steps
 
 
-def _check_sampling(temperature, top_k, top_p, vocab_size) -> _Sampling:
-    if temperature is None or not np.isfinite(temperature) or temperature < 0:
+def _check_sampling(temperature, top_k, top_p, vocab_size, do_sample=None
+                    ) -> tuple[_Sampling, float]:
+    """(static sampling choice, temperature) from the user's arguments.
+
+    do_sample=None: the temperature decides (None or 0 = greedy, > 0 = sampling);
+    do_sample=False: greedy whatever the temperature (HF); do_sample=True: sampling with
+    `temperature` (default 1.0, HF), which must then be > 0."""
+    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
+        raise ValueError(f"do_sample: expected True, False or None, got {do_sample!r}")
+    if temperature is None:
+        temperature = 1.0 if do_sample else 0.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) \
+            or not np.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if do_sample and float(temperature) == 0.0:
+        raise ValueError("temperature=0 conflicts with do_sample=True: sampling needs a "
+                         "temperature > 0 (or pass do_sample=False for greedy decoding)")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
                               or top_k < 1):
         raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
     if top_p is not None and not (0.0 < float(top_p) <= 1.0):
         raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
-    greedy = float(temperature) == 0.0
+    greedy = (do_sample is False) or float(temperature) == 0.0
     k = None if (greedy or top_k is None or top_k >= vocab_size) else int(top_k)
     use_p = (not greedy) and top_p is not None and float(top_p) < 1.0
-    return _Sampling(greedy, k, use_p)
+    return _Sampling(greedy, k, use_p), float(temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,33 +233,69 @@ class _State:
     step: jax.Array       # int32: decode steps run so far
     n_gen: jax.Array      # [B] int32: tokens produced by each sequence (its EOS included)
     scores: jax.Array | None  # [B, N, V] float32 (only with output_scores)
+    seen: jax.Array | None    # [B, V] bool: tokens in each row so far (only with a penalty)
 
 
 jax.tree_util.register_dataclass(
     _State, data_fields=["ks", "vs", "valid", "index", "last", "pos", "done", "tokens", "step",
-                         "n_gen", "scores"], meta_fields=[])
+                         "n_gen", "scores", "seen"], meta_fields=[])
 
 
-def _emit(st: _State, logits, key, temperature, top_p, eos_ids, samp: _Sampling,
-          vocab_axis: int = -1) -> _State:
+@dataclasses.dataclass
+class _Knobs:
+    """The traced decoding numbers (changing them does not recompile)."""
+    temperature: jax.Array  # float32
+    top_p: jax.Array        # float32
+    eos: jax.Array          # [8k] int32, padded with -1
+    min_new: jax.Array      # int32: EOS masked while fewer tokens than this were produced
+    penalty: jax.Array      # float32: HF repetition penalty (1 = none)
+
+
+jax.tree_util.register_dataclass(
+    _Knobs, data_fields=["temperature", "top_p", "eos", "min_new", "penalty"], meta_fields=[])
+
+
+def _process_logits(st: _State, logits_BV, kn: _Knobs, samp: _Sampling):
+    """HF's logits processors that apply before the sampling warpers: the repetition penalty
+    (a token already in the row: positive logits divided by the penalty, negative ones
+    multiplied) and min_new_tokens (the EOS ids at -inf until that many tokens exist)."""
+    if samp.penalty:
+        penalized = jnp.where(logits_BV < 0, logits_BV * kn.penalty, logits_BV / kn.penalty)
+        logits_BV = jnp.where(st.seen, penalized, logits_BV)
+    if samp.min_new:
+        V = logits_BV.shape[-1]
+        is_eos_V = jnp.any(jnp.arange(V, dtype=jnp.int32)[:, None] == kn.eos[None, :], axis=-1)
+        logits_BV = jnp.where((st.step < kn.min_new) & is_eos_V[None, :], _NEG_INF, logits_BV)
+    return logits_BV
+
+
+def _emit(st: _State, logits, key, kn: _Knobs, samp: _Sampling, vocab_axis: int = -1) -> _State:
     """Choose the next tokens from `logits` ([B, V], or [V, B] with vocab_axis=0)."""
     k = jax.random.fold_in(key, st.step)
-    if samp.greedy:
+    processed = samp.penalty or samp.min_new
+    if samp.greedy and not processed:
         nxt = jnp.argmax(logits, axis=vocab_axis).astype(jnp.int32)
     if vocab_axis == 0:
         logits = logits.T
     logits_BV = logits
+    chosen_from = _process_logits(st, logits_BV, kn, samp) if processed else logits_BV
+    if samp.greedy and processed:
+        nxt = jnp.argmax(chosen_from, axis=-1).astype(jnp.int32)
     if not samp.greedy:
-        nxt = sample_logits(logits_BV, k, temperature=temperature, top_k=samp.top_k,
-                            top_p=top_p if samp.use_top_p else None, greedy=False)
+        nxt = sample_logits(chosen_from, k, temperature=kn.temperature, top_k=samp.top_k,
+                            top_p=kn.top_p if samp.use_top_p else None, greedy=False)
     nxt = jnp.where(st.done, PAD_ID, nxt)
     tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, nxt[:, None], st.step, axis=1)
     scores = st.scores
     if scores is not None:
         scores = jax.lax.dynamic_update_slice_in_dim(scores, logits_BV[:, None], st.step, axis=1)
-    done = st.done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=-1)
+    seen = st.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(nxt.shape[0]), nxt].set(True)
+    done = st.done | jnp.any(nxt[:, None] == kn.eos[None, :], axis=-1)
     return dataclasses.replace(st, last=nxt, done=done, tokens=tokens, step=st.step + 1,
-                               n_gen=st.n_gen + (~st.done).astype(jnp.int32), scores=scores)
+                               n_gen=st.n_gen + (~st.done).astype(jnp.int32), scores=scores,
+                               seen=seen)
 
 
 def _logits(cfg, x_BD, embed_out_VD):
@@ -258,138 +310,35 @@ def _materialize(tree):
     return jax.lax.optimization_barrier(tree)
 
 
-def _decode_attention(q_BNH, k_BNH, v_BNH, k_BNHS, v_BNSH, slot, valid_BS, cdt):
-    """One new query per sequence: write its key/value at cache `slot`, attend over the valid
-    slots. Returns (o [B, N, H] in `cdt`, updated k_BNHS, updated v_BNSH)."""
-    H = q_BNH.shape[-1]
-    k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k_BNH[..., None].astype(k_BNHS.dtype),
-                                          (0, 0, 0, slot))
-    v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v_BNH[:, :, None].astype(v_BNSH.dtype),
-                                          (0, 0, slot, 0))
-    scores = jnp.einsum("bnh,bnhs->bns", q_BNH, k_BNHS.astype(cdt),
-                        preferred_element_type=jnp.float32) * (H ** -0.5)
-    scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
-    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - lse)
-    o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
-                   preferred_element_type=jnp.float32).astype(cdt)
-    return o, k_BNHS, v_BNSH
-
-
-def _decode_layer(cfg, p, x_B1D, cos, sin, k_BNHS, v_BNSH, slot, valid_BS):
-    """One GPT-NeoX layer for one new token per row, with the per-layer cache.
-
-    The same computation as `model.block_forward` with a cache (LN, fused QKV, partial rotary,
-    masked softmax attention in float32, parallel residual MLP), written for a single query so
-    that neither the weights nor the cache are copied or transposed per step.
-    """
-    cdt = dtype_of(cfg.dtype)
-    eps = cfg.layer_norm_eps
-
-    def dense(h, kernel, bias, eq):
-        y = jnp.einsum(eq, h, kernel.astype(cdt), preferred_element_type=jnp.float32)
-        return (y + bias.astype(jnp.float32)).astype(cdt)
-
-    H = cfg.head_dim
-    a = layer_norm(x_B1D, p["ln1_scale"], p["ln1_bias"], eps)
-    qkv = dense(a, p["qkv_kernel"], p["qkv_bias"], "btd,dnkh->btnkh")  # [B,1,N,3,H]
-    q = apply_rotary(qkv[:, :, :, 0], cos, sin)[:, 0]  # [B,N,H]
-    k = apply_rotary(qkv[:, :, :, 1], cos, sin)[:, 0]
-    v = qkv[:, 0, :, 2]
-    o, k_BNHS, v_BNSH = _decode_attention(q, k, v, k_BNHS, v_BNSH, slot, valid_BS, cdt)
-    B, N = o.shape[:2]
-    attn_out = dense(o.reshape(B, 1, N * H), p["out_kernel"], p["out_bias"], "btk,kd->btd")
-    if cfg.use_parallel_residual:
-        m = layer_norm(x_B1D, p["ln2_scale"], p["ln2_bias"], eps)
-    else:
-        x_B1D = x_B1D + attn_out
-        m = layer_norm(x_B1D, p["ln2_scale"], p["ln2_bias"], eps)
-    h = jax.nn.gelu(dense(m, p["mlp_in_kernel"], p["mlp_in_bias"], "btd,df->btf"),
-                    approximate=cfg.gelu_approximate)
-    mlp_out = dense(h, p["mlp_out_kernel"], p["mlp_out_bias"], "btf,fd->btd")
-    if cfg.use_parallel_residual:
-        x_B1D = x_B1D + attn_out + mlp_out
-    else:
-        x_B1D = x_B1D + mlp_out
-    return x_B1D, k_BNHS, v_BNSH
-
-
-def _ln_fm(x_DB, scale, bias, eps):
-    """`model.layer_norm` over axis 0 (feature-major activations)."""
-    xf = x_DB.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=0, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=0, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    y = y * scale.astype(jnp.float32)[:, None] + bias.astype(jnp.float32)[:, None]
-    return y.astype(x_DB.dtype)
-
-
-def _rotary_fm(x_NHB, cos_RB, sin_RB):
-    """`model.apply_rotary` for [N, H, B] (rotate the first R channels of every head)."""
-    R = cos_RB.shape[0]
-    if R == 0:
-        return x_NHB
-    x_rot = x_NHB[:, :R].astype(jnp.float32)
-    half = R // 2
-    rotated = jnp.concatenate([-x_rot[:, half:], x_rot[:, :half]], axis=1)
-    out = (x_rot * cos_RB[None] + rotated * sin_RB[None]).astype(x_NHB.dtype)
-    return jnp.concatenate([out, x_NHB[:, R:]], axis=1)
-
-
-def _fm_weights(cfg, p):
-    """One layer's parameters with every kernel as [out, in] (the matmul LHS)."""
-    N, H, D = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    q = dict(p)
-    q["qkv_kernel"] = p["qkv_kernel"].reshape(D, N * 3 * H).T
-    q["qkv_bias"] = p["qkv_bias"].reshape(N * 3 * H)
-    q["out_kernel"] = p["out_kernel"].reshape(N * H, D).T
-    q["mlp_in_kernel"] = p["mlp_in_kernel"].T
-    q["mlp_out_kernel"] = p["mlp_out_kernel"].T
-    return q
-
-
-def _decode_layer_fm(cfg, p, x_DB, cos_RB, sin_RB, k_BNHS, v_BNSH, slot, valid_BS):
-    """`_decode_layer` with feature-major activations [D, B] and [out, in] kernels.
-
-    XLA:CPU's matmul streams a [out, in] weight against a few columns about twice as fast as
-    it does [B, in] x [in, out] for small B (measured 12.8 vs 5.5 GB/s at B = 8), so on CPU the
-    loop uses this form; the kernels are transposed once per call, before the loop.
-    """
-    cdt = dtype_of(cfg.dtype)
-    eps = cfg.layer_norm_eps
-    N, H = cfg.num_heads, cfg.head_dim
-    B = x_DB.shape[1]
-
-    def dense(h_KB, w_FK, b_F):
-        y = jnp.einsum("fk,kb->fb", w_FK.astype(cdt), h_KB, preferred_element_type=jnp.float32)
-        return (y + b_F.astype(jnp.float32)[:, None]).astype(cdt)
-
-    a = _ln_fm(x_DB, p["ln1_scale"], p["ln1_bias"], eps)
-    qkv = dense(a, p["qkv_kernel"], p["qkv_bias"]).reshape(N, 3, H, B)
-    q = _rotary_fm(qkv[:, 0], cos_RB, sin_RB).transpose(2, 0, 1)  # [B,N,H]
-    k = _rotary_fm(qkv[:, 1], cos_RB, sin_RB).transpose(2, 0, 1)
-    v = qkv[:, 2].transpose(2, 0, 1)
-    o, k_BNHS, v_BNSH = _decode_attention(q, k, v, k_BNHS, v_BNSH, slot, valid_BS, cdt)
-    attn_out = dense(o.reshape(B, N * H).T, p["out_kernel"], p["out_bias"])
-    if cfg.use_parallel_residual:
-        m = _ln_fm(x_DB, p["ln2_scale"], p["ln2_bias"], eps)
-    else:
-        x_DB = x_DB + attn_out
-        m = _ln_fm(x_DB, p["ln2_scale"], p["ln2_bias"], eps)
-    h = jax.nn.gelu(dense(m, p["mlp_in_kernel"], p["mlp_in_bias"]),
-                    approximate=cfg.gelu_approximate)
-    mlp_out = dense(h, p["mlp_out_kernel"], p["mlp_out_bias"])
-    if cfg.use_parallel_residual:
-        x_DB = x_DB + attn_out + mlp_out
-    else:
-        x_DB = x_DB + mlp_out
-    return x_DB, k_BNHS, v_BNSH
+def _decode_attention(slot, valid_BS, cdt):
+    """The attention step (`layers.decoder_layer`) for one new query per sequence: write its
+    key / value at cache `slot` of the layer's cache (keys [B, N, H, S], values [B, N, S, H]),
+    attend over the valid slots."""
+    def step(q_B1NH, k_B1NH, v_B1NH, kv, *, rotary, pattern):
+        k_BNHS, v_BNSH = kv
+        q_BNH, k_BNH, v_BNH = q_B1NH[:, 0], k_B1NH[:, 0], v_B1NH[:, 0]
+        H = q_BNH.shape[-1]
+        k_BNHS = jax.lax.dynamic_update_slice(k_BNHS, k_BNH[..., None].astype(k_BNHS.dtype),
+                                              (0, 0, 0, slot))
+        v_BNSH = jax.lax.dynamic_update_slice(v_BNSH, v_BNH[:, :, None].astype(v_BNSH.dtype),
+                                              (0, 0, slot, 0))
+        scores = jnp.einsum("bnh,bnhs->bns", q_BNH, k_BNHS.astype(cdt),
+                            preferred_element_type=jnp.float32) * (H ** -0.5)
+        scores = jnp.where(valid_BS[:, None, :], scores, MASK_VALUE)
+        lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+        probs = jnp.exp(scores - lse)
+        if pattern is not None:
+            probs = pattern(probs[:, :, None])[:, :, 0]
+        o = jnp.einsum("bns,bnsh->bnh", probs.astype(cdt), v_BNSH.astype(cdt),
+                       preferred_element_type=jnp.float32).astype(cdt)
+        return o[:, None], (k_BNHS, v_BNSH)
+    return step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "samp", "n_out", "cache_len",
                                              "want_scores"))
-def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, samp, n_out,
-             cache_len, want_scores):
+def _prefill(graphdef, params, ids, mask, key, kn: _Knobs, *, samp, n_out, cache_len,
+             want_scores):
     model = nnx.merge(graphdef, params)
     cfg = model.config
     B, P = ids.shape
@@ -398,14 +347,18 @@ def _prefill(graphdef, params, ids, mask, key, temperature, top_p, eos_ids, *, s
     hidden, cache = model(ids, positions_BT=positions, cache=cache, attention_mask_BT=mask,
                           return_hidden=True)
     logits = _logits(cfg, hidden[:, -1], model.embed_out.embedding[...])
-    scores = (jnp.zeros((B, n_out, logits.shape[-1]), jnp.float32) if want_scores else None)
+    V = logits.shape[-1]
+    scores = (jnp.zeros((B, n_out, V), jnp.float32) if want_scores else None)
+    # the prompt's tokens count for the repetition penalty (HF); padding does not
+    seen = (jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(mask, ids, V)]
+            .set(True, mode="drop") if samp.penalty else None)
     st = _State(ks=tuple(cache.k[i].transpose(0, 2, 3, 1) for i in range(cfg.num_layers)),
                 vs=tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
                 valid=cache.key_valid, index=cache.index, last=jnp.zeros((B,), jnp.int32),
                 pos=jnp.sum(mask, axis=1).astype(jnp.int32), done=jnp.zeros((B,), bool),
                 tokens=jnp.full((B, n_out), PAD_ID, jnp.int32), step=jnp.zeros((), jnp.int32),
-                n_gen=jnp.zeros((B,), jnp.int32), scores=scores)
-    return _emit(st, logits, key, temperature, top_p, eos_ids, samp)
+                n_gen=jnp.zeros((B,), jnp.int32), scores=scores, seen=seen)
+    return _emit(st, logits, key, kn, samp)
 
 
 # Streaming: the decode loop hands every step's tokens to the host through an ordered
@@ -423,25 +376,22 @@ def _deliver(sid, toks, done):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "samp", "stream", "feature_major"),
                    donate_argnames=("st",))
-def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids, sid, *, samp,
-            stream, feature_major):
+def _decode(graphdef, params, st: _State, stop, key, kn: _Knobs, sid, *, samp, stream,
+            feature_major):
     """Run decode steps while `step < stop` and some sequence is unfinished."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
     B = st.last.shape[0]
-    # Per-layer weights sliced once, before the loop. (Slicing the stacked [L, ...] arrays
-    # inside the loop body makes XLA:CPU copy every layer's weights on every step.)
+    # Per-layer weights sliced once, before the loop (slicing the stacked [L, ...] arrays
+    # inside the loop body makes XLA:CPU copy every layer's weights on every step), and put in
+    # the layout's orientation (feature-major: transposed once per call).
+    layout = FEATURE_MAJOR if feature_major else ROW
     lp = model.layer_params()
-    N, H, D = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    layers = [{k: v[i] for k, v in lp.items()} for i in range(cfg.num_layers)]
-    if feature_major:
-        layers = [_fm_weights(cfg, p) for p in layers]
-    else:
-        for p in layers:
-            p["out_kernel"] = p["out_kernel"].reshape(N * H, D)
+    layers = [layout.prepare({k: v[i] for k, v in lp.items()}) for i in range(cfg.num_layers)]
     layers, embed_in, embed_out, lnf = _materialize(
         (layers, model.embed_in.embedding[...], model.embed_out.embedding[...],
          (model.final_layer_norm.scale[...], model.final_layer_norm.bias[...])))
+    cdt = dtype_of(cfg.dtype)
 
     def cond(s):
         return (s.step < stop) & ~jnp.all(s.done)
@@ -449,31 +399,25 @@ def _decode(graphdef, params, st: _State, stop, key, temperature, top_p, eos_ids
     def body(s):
         valid = jax.lax.dynamic_update_slice_in_dim(s.valid, jnp.ones((B, 1), bool), s.index,
                                                     axis=1)
-        cdt = dtype_of(cfg.dtype)
         x = jnp.take(embed_in, s.last, axis=0).astype(cdt)  # [B, D]
-        cos, sin = rotary_tables(s.pos[:, None], cfg.rotary_dim, cfg.rotary_emb_base)
+        x = x.T if feature_major else x[:, None]  # [D, B] or [B, 1, D]
+        rope = rotary_tables(s.pos[:, None], cfg.rotary_dim, cfg.rotary_emb_base)
+        attention = _decode_attention(s.index, valid, cdt)
         ks, vs = [], []
+        for p, kc, vc in zip(layers, s.ks, s.vs):
+            x, (kc, vc), _ = decoder_layer(cfg, p, x, rope, attention, layout=layout,
+                                           state=(kc, vc))
+            ks.append(kc)
+            vs.append(vc)
+        x = layout.norm(x, lnf[0], lnf[1], cfg.layer_norm_eps)
         if feature_major:
-            x, cos, sin = x.T, cos[:, 0].T, sin[:, 0].T  # [D, B], [R, B]
-            for p, kc, vc in zip(layers, s.ks, s.vs):
-                x, kc, vc = _decode_layer_fm(cfg, p, x, cos, sin, kc, vc, s.index, valid)
-                ks.append(kc)
-                vs.append(vc)
-            x = _ln_fm(x, lnf[0], lnf[1], cfg.layer_norm_eps)
             logits = jnp.einsum("vd,db->vb", embed_out.astype(cdt), x,
                                 preferred_element_type=jnp.float32)  # [V, B]
         else:
-            x = x[:, None]  # [B, 1, D]
-            for p, kc, vc in zip(layers, s.ks, s.vs):
-                x, kc, vc = _decode_layer(cfg, p, x, cos, sin, kc, vc, s.index, valid)
-                ks.append(kc)
-                vs.append(vc)
-            x = layer_norm(x[:, 0], lnf[0], lnf[1], cfg.layer_norm_eps)
-            logits = _logits(cfg, x, embed_out)
+            logits = _logits(cfg, x[:, 0], embed_out)
         s = dataclasses.replace(s, ks=tuple(ks), vs=tuple(vs), valid=valid, index=s.index + 1,
                                 pos=s.pos + 1)
-        s = _emit(s, logits, key, temperature, top_p, eos_ids, samp,
-                  vocab_axis=0 if feature_major else -1)
+        s = _emit(s, logits, key, kn, samp, vocab_axis=0 if feature_major else -1)
         if stream:
             halt = io_callback(_deliver, jax.ShapeDtypeStruct((B,), jnp.bool_), sid,
                                s.last, s.done, ordered=True)
@@ -496,63 +440,112 @@ class GenerationOutput:
         return [self.tokens[i, : self.lengths[i]].tolist() for i in range(len(self.lengths))]
 
 
-class _Run:
-    """Shared setup of generate / stream_generate."""
+def _positive_int(name, v, minimum=1):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+    return int(v)
 
-    def __init__(self, model: GPTNeoX, input_ids, max_new_tokens, temperature, top_k, top_p,
-                 seed, eos_token_id, attention_mask, output_scores):
+
+def _eos_list(eos_token_id, model: GPTNeoX) -> list[int]:
+    """None: the model's EOS (`config.eos_token_id`, Pythia's <|endoftext|> = 0); an id or a
+    list of ids; an empty list: no EOS (always the full number of new tokens)."""
+    if eos_token_id is None:
+        return [int(model.config.eos_token_id)]
+    if isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
+        return [int(eos_token_id)]
+    try:
+        ids = list(eos_token_id)
+    except TypeError:
+        ids = None
+    if ids is None or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool)
+                              for e in ids):
+        raise ValueError(f"eos_token_id: expected None (the model's, "
+                         f"{model.config.eos_token_id}), a token id, a list of ids or [] (no "
+                         f"EOS), got {eos_token_id!r}")
+    return [int(e) for e in ids]
+
+
+class _Run:
+    """Shared setup of generate / stream_generate: the HF-style arguments resolved once."""
+
+    def __init__(self, model: GPTNeoX, input_ids, max_new_tokens=None, temperature=None,
+                 top_k=None, top_p=None, seed=0, eos_token_id=None, attention_mask=None,
+                 output_scores=False, *, do_sample=None, max_length=None, min_new_tokens=0,
+                 repetition_penalty=1.0):
         if not isinstance(model, GPTNeoX):
             raise TypeError(f"model: expected a pythia_jax GPTNeoX, got {type(model).__name__}")
         cfg = model.config
-        if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
-                or max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-        self.samp = _check_sampling(temperature, top_k, top_p, cfg.vocab_size)
+        self.samp, temperature = _check_sampling(temperature, top_k, top_p, cfg.vocab_size,
+                                                 do_sample)
         ids, mask, lengths = prepare_prompts(input_ids, attention_mask, vocab_size=cfg.vocab_size)
         longest = int(lengths.max())
+        if max_length is not None and max_new_tokens is not None:
+            raise ValueError(f"max_length={max_length!r} and max_new_tokens={max_new_tokens!r} "
+                             "both given: pass one (max_length counts the prompt too)")
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length)
+            # HF: the prompt length is the input's width (an array's padding included)
+            width = (np.shape(input_ids)[-1] if isinstance(input_ids, (jax.Array, np.ndarray))
+                     else longest)
+            if max_length <= width:
+                raise ValueError(f"max_length={max_length} leaves no room for new tokens after "
+                                 f"the {width}-token prompt (max_length counts prompt + new "
+                                 "tokens; or pass max_new_tokens)")
+            max_new_tokens = max_length - width
+        elif max_new_tokens is None:
+            raise ValueError("generate: expected max_new_tokens (new tokens per prompt) or "
+                             "max_length (prompt + new tokens)")
+        max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         if longest + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(
                 f"prompt too long: {longest} prompt tokens + max_new_tokens={max_new_tokens} "
                 f"exceeds the model's context of {cfg.max_position_embeddings} positions "
                 "(shorten the prompt or ask for fewer new tokens)")
-        if eos_token_id is None:
-            eos = []
-        elif isinstance(eos_token_id, (int, np.integer)):
-            eos = [int(eos_token_id)]
-        else:
-            eos = [int(e) for e in eos_token_id]
+        min_new = _positive_int("min_new_tokens", min_new_tokens, minimum=0)
+        if min_new > max_new_tokens:
+            raise ValueError(f"min_new_tokens={min_new} exceeds max_new_tokens={max_new_tokens}")
+        if isinstance(repetition_penalty, bool) or not isinstance(
+                repetition_penalty, (int, float, np.number)) or not np.isfinite(
+                repetition_penalty) or repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: expected a number > 0 (1 = none, > 1 "
+                             f"discourages repeats), got {repetition_penalty!r}")
+        eos = _eos_list(eos_token_id, model)
+        self.samp = dataclasses.replace(self.samp, penalty=float(repetition_penalty) != 1.0,
+                                        min_new=min_new > 0 and bool(eos))
         eos += [-1] * (-len(eos) % 8 or (8 if not eos else 0))  # fixed size: no recompiles
         P = bucket_length(longest)
         self.ids, self.mask = _left_pad_to(ids, mask, P)
         self.lengths = lengths
-        self.max_new = int(max_new_tokens)
+        self.max_new = max_new_tokens
         self.n_out = bucket_length(self.max_new, minimum=8)
         self.cache_len = P + self.n_out
         self.graphdef, self.params = nnx.split(model)
         self.key = jax.random.key(int(seed))
-        self.temperature = jnp.float32(max(float(temperature), 1e-6))
-        self.top_p = jnp.float32(1.0 if top_p is None else top_p)
-        self.eos = jnp.asarray(eos, jnp.int32)
+        self.knobs = _Knobs(temperature=jnp.float32(max(temperature, 1e-6)),
+                            top_p=jnp.float32(1.0 if top_p is None else top_p),
+                            eos=jnp.asarray(eos, jnp.int32), min_new=jnp.int32(min_new),
+                            penalty=jnp.float32(repetition_penalty))
         self.want_scores = bool(output_scores)
         self.feature_major = (FEATURE_MAJOR_DECODE if FEATURE_MAJOR_DECODE is not None
                               else jax.default_backend() == "cpu")
 
     def prefill(self) -> _State:
-        return _prefill(self.graphdef, self.params, self.ids, self.mask, self.key,
-                        self.temperature, self.top_p, self.eos, samp=self.samp, n_out=self.n_out,
-                        cache_len=self.cache_len, want_scores=self.want_scores)
+        return _prefill(self.graphdef, self.params, self.ids, self.mask, self.key, self.knobs,
+                        samp=self.samp, n_out=self.n_out, cache_len=self.cache_len,
+                        want_scores=self.want_scores)
 
     def decode(self, st: _State, stop: int, sink: Callable | None = None) -> _State:
         if sink is None:
-            return _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
-                           self.temperature, self.top_p, self.eos, jnp.int32(0), samp=self.samp,
-                           stream=False, feature_major=self.feature_major)
+            return _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key, self.knobs,
+                           jnp.int32(0), samp=self.samp, stream=False,
+                           feature_major=self.feature_major)
         sid = next(_SINK_IDS)
         _SINKS[sid] = sink
         try:
-            st = _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key,
-                         self.temperature, self.top_p, self.eos, jnp.int32(sid), samp=self.samp,
-                         stream=True, feature_major=self.feature_major)
+            st = _decode(self.graphdef, self.params, st, jnp.int32(stop), self.key, self.knobs,
+                         jnp.int32(sid), samp=self.samp, stream=True,
+                         feature_major=self.feature_major)
             jax.block_until_ready(st)
         finally:
             del _SINKS[sid]
@@ -567,37 +560,71 @@ class _Run:
         return GenerationOutput(tokens=tokens, lengths=lengths, scores=scores)
 
 
-def generate_arrays(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+def _check_streamer(streamer, run: _Run):
+    if streamer is None:
+        return
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer: expected an object with put(ids) and end() (like "
+                        f"transformers.TextStreamer), got {type(streamer).__name__}")
+    if len(run.lengths) != 1:
+        raise ValueError(f"streamer: supports one prompt (as transformers' TextStreamer), got "
+                         f"{len(run.lengths)}; use callback= for a batch")
+
+
+def generate_arrays(model: GPTNeoX, input_ids, max_new_tokens: int | None = None,
+                    temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, seed: int = 0,
                     eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
-                    output_scores: bool = False, callback=None) -> GenerationOutput:
-    """Like `generate` but returns padded arrays (and optionally the per-step logits)."""
+                    output_scores: bool = False, callback=None, streamer=None,
+                    do_sample: bool | None = None, max_length: int | None = None,
+                    min_new_tokens: int = 0, repetition_penalty: float = 1.0
+                    ) -> GenerationOutput:
+    """Like `generate` but returns padded arrays (and optionally `scores`: the raw logits of
+    each step, before the repetition penalty / min_new_tokens masking: HF's `output_logits`)."""
     run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
-               attention_mask, output_scores)
-    return _execute(run, callback)
+               attention_mask, output_scores, do_sample=do_sample, max_length=max_length,
+               min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    _check_streamer(streamer, run)
+    return _execute(run, callback, streamer)
 
 
-def generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+def generate(model: GPTNeoX, input_ids, max_new_tokens: int | None = None,
+             temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
-             callback: Callable[[np.ndarray, np.ndarray], object] | None = None
-             ) -> list[list[int]]:
-    """Generate up to `max_new_tokens` tokens for each prompt; returns the new tokens per prompt.
+             callback: Callable[[np.ndarray, np.ndarray], object] | None = None,
+             streamer=None, do_sample: bool | None = None, max_length: int | None = None,
+             min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Generate new tokens for each prompt (HF `generate`'s common arguments); returns the new
+    tokens per prompt (the EOS included when one ended it).
 
     input_ids: a list of token lists (different lengths allowed), one token list, or an array
       [B, T] with `attention_mask` [B, T] (1 = real token; left or right padding).
-    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) after the top-k /
-      top-p filters. seed: the sampling seed (same seed + same inputs = same tokens).
-    eos_token_id: an id or a list of ids; a sequence stops after emitting one (the EOS is part
-      of its output). None: always `max_new_tokens` tokens.
+    max_new_tokens: new tokens per prompt; or max_length: prompt + new tokens (the prompt
+      counted as the input's width, as HF does); exactly one of the two.
+    do_sample: False = greedy whatever the temperature; True = sampling from
+      softmax(logits / temperature) (temperature default 1.0) after the top-k / top-p filters;
+      None (default) = the temperature decides (None or 0 greedy, > 0 sampling).
+      seed: the sampling seed (same seed + same inputs = same tokens).
+    eos_token_id: None (default) = the model's (`model.config.eos_token_id`: Pythia's
+      <|endoftext|>, `pythia_jax.tokenizer.EOD_ID` = 0); an id or a list of ids; `[]` = no EOS
+      (always `max_new_tokens` tokens). A sequence stops after emitting one.
+    min_new_tokens: the EOS ids are masked (-inf) until each row has this many new tokens.
+    repetition_penalty: HF's: the logit of every token already in the row (prompt included)
+      is divided by it when positive, multiplied when negative (1.0 = off).
     callback(tokens_B, done_B): called as soon as each step's tokens exist (np.int32 [B];
       PAD_ID for sequences already finished) with the done flags [B]. It may return None
       (continue), True (stop every sequence now) or a bool array [B] (stop those sequences,
       e.g. on a stop string); the tokens produced so far are returned either way.
+    streamer: an object with `put(ids)` / `end()` (transformers' `TextStreamer` /
+      `TextIteratorStreamer` work, given our tokenizer): `put` gets the prompt [1, P] first,
+      then each new token [1]; `end()` when generation ends. One prompt only.
     """
-    run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
-               attention_mask, False)
-    return _execute(run, callback).to_lists()
+    return generate_arrays(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                           eos_token_id, attention_mask=attention_mask, callback=callback,
+                           streamer=streamer, do_sample=do_sample, max_length=max_length,
+                           min_new_tokens=min_new_tokens,
+                           repetition_penalty=repetition_penalty).to_lists()
 
 
 def _as_halt(ret, B: int) -> np.ndarray:
@@ -612,7 +639,24 @@ def _as_halt(ret, B: int) -> np.ndarray:
     return arr
 
 
-def _execute(run: _Run, callback=None) -> GenerationOutput:
+def _with_streamer(run: _Run, callback, streamer):
+    """A callback that feeds `streamer` (the prompt first, as HF does) then calls `callback`."""
+    P = run.ids.shape[1]
+    streamer.put(run.ids[:, P - int(run.lengths[0]):].copy())
+
+    def both(toks, done):  # one row, unfinished before this step: toks[0] is a real token
+        streamer.put(np.asarray(toks[:1]).copy())
+        return None if callback is None else callback(toks, done)
+    return both
+
+
+def _execute(run: _Run, callback=None, streamer=None) -> GenerationOutput:
+    if streamer is not None:
+        callback = _with_streamer(run, callback, streamer)
+        try:
+            return _execute(run, callback)
+        finally:
+            streamer.end()
     st = run.prefill()
     B = run.ids.shape[0]
     if callback is None:
@@ -643,15 +687,19 @@ def _execute(run: _Run, callback=None) -> GenerationOutput:
 _DONE = object()
 
 
-def stream_generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                    eos_token_id: int | Sequence[int] | None = None, *,
-                    attention_mask=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stream_generate(model: GPTNeoX, input_ids, max_new_tokens: int | None = None,
+                    temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, seed: int = 0,
+                    eos_token_id: int | Sequence[int] | None = None, *, attention_mask=None,
+                    do_sample: bool | None = None, max_length: int | None = None,
+                    min_new_tokens: int = 0, repetition_penalty: float = 1.0
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield `(tokens_B, done_B)` as each step's tokens are produced (the same tokens as
     `generate` with the same arguments; PAD_ID for sequences already finished). Closing the
     generator early stops the computation at the next step."""
     run = _Run(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
-               attention_mask, False)
+               attention_mask, False, do_sample=do_sample, max_length=max_length,
+               min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     q: queue.Queue = queue.Queue()
     closed = threading.Event()
 
@@ -679,13 +727,3 @@ def stream_generate(model: GPTNeoX, input_ids, max_new_tokens: int, temperature:
     finally:
         closed.set()
         t.join()
-
-
-# `pythia_jax.generate` is both this module and (lazily) the function; once the module has been
-# imported, Python binds the package attribute to the module, so make the module callable too.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

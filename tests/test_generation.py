@@ -1,4 +1,4 @@
-"""pythia_jax.generate against transformers' greedy generate, cache vs full recompute, sampling."""
+"""pythia_jax.generation against transformers' greedy generate, cache vs full recompute, sampling."""
 
 import numpy as np
 import pytest
@@ -10,10 +10,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import pythia_jax  # noqa: E402
-from pythia_jax import generate as gen  # noqa: E402
+from pythia_jax import generation as gen  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3]]
 NEW = 12
+# eos_token_id=None is the model's EOS (0 here, as Pythia's); [] turns EOS off, as these
+# comparisons with transformers' generate(eos_token_id=None) and fixed lengths need
+NO_EOS = []
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_greedy_matches_transformers_single_prompts(tiny):
     hf, model = tiny
     for p in PROMPTS[:2]:
         ref, ref_logits = _hf_greedy(hf, [p], NEW)
-        out = gen.generate_arrays(model, [p], NEW, output_scores=True)
+        out = gen.generate_arrays(model, [p], NEW, output_scores=True, eos_token_id=NO_EOS)
         assert out.to_lists() == ref
         np.testing.assert_allclose(out.scores[0], ref_logits[0], atol=1e-4, rtol=1e-4)
         # the top-1 choice is not a near-tie at any step (the token comparison is meaningful)
@@ -64,12 +67,12 @@ def test_greedy_matches_transformers_single_prompts(tiny):
 def test_greedy_matches_transformers_batch_of_different_lengths(tiny):
     hf, model = tiny
     ref, ref_logits = _hf_greedy(hf, PROMPTS, NEW)
-    out = gen.generate_arrays(model, PROMPTS, NEW, output_scores=True)
+    out = gen.generate_arrays(model, PROMPTS, NEW, output_scores=True, eos_token_id=NO_EOS)
     assert out.to_lists() == ref
     np.testing.assert_allclose(out.scores, ref_logits, atol=1e-4, rtol=1e-4)
     # and each row equals the same prompt generated alone
     for i, p in enumerate(PROMPTS):
-        assert gen.generate(model, [p], NEW)[0] == ref[i]
+        assert gen.generate(model, [p], NEW, eos_token_id=NO_EOS)[0] == ref[i]
 
 
 @pytest.mark.parametrize("feature_major", [True, False])
@@ -77,7 +80,7 @@ def test_cache_logits_equal_full_recompute_every_step(tiny, monkeypatch, feature
     """Both decode-loop layouts (feature-major: the CPU default; row-major: other backends)."""
     _, model = tiny
     monkeypatch.setattr(gen, "FEATURE_MAJOR_DECODE", feature_major)
-    out = gen.generate_arrays(model, PROMPTS, NEW, output_scores=True)
+    out = gen.generate_arrays(model, PROMPTS, NEW, output_scores=True, eos_token_id=NO_EOS)
     seqs = [p + out.to_lists()[i] for i, p in enumerate(PROMPTS)]
     T = max(map(len, seqs))
     # one full causal forward without a cache; right padding cannot affect earlier positions
@@ -90,7 +93,7 @@ def test_cache_logits_equal_full_recompute_every_step(tiny, monkeypatch, feature
 
 def test_eos_stops_each_sequence(tiny):
     hf, model = tiny
-    free = gen.generate(model, PROMPTS, NEW)
+    free = gen.generate(model, PROMPTS, NEW, eos_token_id=NO_EOS)
     eos = free[0][3]  # a token the first sequence emits at step 4
     out = gen.generate(model, PROMPTS, NEW, eos_token_id=eos)
     for row, f in zip(out, free):
@@ -99,7 +102,7 @@ def test_eos_stops_each_sequence(tiny):
     assert len(out[0]) <= 4 and out[0][-1] == eos
     ref, _ = _hf_greedy(hf, PROMPTS, NEW, eos=eos)
     assert out == ref
-    # a list of EOS ids works too, and None never stops early
+    # a list of EOS ids works too, and [] (no EOS) never stops early
     assert gen.generate(model, PROMPTS, NEW, eos_token_id=[eos, 95]) == \
         gen.generate(model, PROMPTS, NEW, eos_token_id=(eos, 95))
     assert [len(r) for r in free] == [NEW] * 3
@@ -136,12 +139,12 @@ def test_one_compiled_decode_loop_no_recompile_per_token(tiny):
 
 def test_streaming_and_callback(tiny):
     _, model = tiny
-    ref = gen.generate(model, PROMPTS, NEW, eos_token_id=None)
-    steps = list(gen.stream_generate(model, PROMPTS, NEW))
+    ref = gen.generate(model, PROMPTS, NEW, eos_token_id=NO_EOS)
+    steps = list(gen.stream_generate(model, PROMPTS, NEW, eos_token_id=NO_EOS))
     assert len(steps) == NEW
     assert np.stack([t for t, _ in steps], 1).tolist() == ref
     seen = []
-    out = gen.generate(model, PROMPTS, NEW, callback=lambda t, d: seen.append(t.copy()))
+    out = gen.generate(model, PROMPTS, NEW, eos_token_id=NO_EOS, callback=lambda t, d: seen.append(t.copy()))
     assert out == ref and len(seen) == NEW
 
     # a callback can stop single rows (as the lm-eval adapter does for stop strings)
@@ -149,7 +152,7 @@ def test_streaming_and_callback(tiny):
         seen2.append(toks)
         return np.array([False, len(seen2) >= 3, False])
     seen2 = []
-    out = gen.generate(model, PROMPTS, NEW, callback=stop_row1_after_3)
+    out = gen.generate(model, PROMPTS, NEW, eos_token_id=NO_EOS, callback=stop_row1_after_3)
     assert out[1] == ref[1][:3] and out[0] == ref[0] and out[2] == ref[2]
     # closing the stream early is fine
     it = gen.stream_generate(model, PROMPTS, NEW)
