@@ -21,7 +21,9 @@ filled only by lm-eval's own model list and by modules that register themselves 
 model_args: pretrained (HF dir / hub id / pythia-jax checkpoint, or a GPTNeoX object),
 revision, dtype (parameter dtype: float32 | bfloat16 | float16), tokenizer (tokenizer.json
 path / directory / hub id; default: the model's own tokenizer.json, else the bundled
-GPT-NeoX-20B one), batch_size (rows per scoring call; "auto" = 16), max_batch_tokens,
+GPT-NeoX-20B one), batch_size (rows per scoring call; "auto" / "auto:N": the largest of
+max_batch_size (default 64), half of it, ... that scores rows of the full window without running
+out of device memory, as lm-eval's HF model searches), max_batch_tokens,
 max_length (default: max_position_embeddings), max_gen_toks (default 256).
 
 Scoring follows the harness' HF model exactly (see `pythia_jax.evaluate.TokenScorer`);
@@ -34,21 +36,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
 from pythia_jax.evaluate import TokenScorer, tokenizer_for
+from pythia_jax.generation import generate_arrays
 from pythia_jax.model import GPTNeoX, count_params
+from pythia_jax.pretrained import from_pretrained
+from pythia_jax.tokenizer import EOD_ID, load_tokenizer
 
-__all__ = ["PythiaJaxLM", "register", "main", "MODEL_NAME"]
+__all__ = ["PythiaJaxLM", "register", "main", "MODEL_NAME", "find_batch_size",
+           "is_out_of_memory", "AUTO_MAX_BATCH_SIZE"]
 
 log = logging.getLogger("pythia_jax")
 MODEL_NAME = "pythia_jax"
-EOT_ID = 0
 _TARGET = "pythia_jax.lm_eval_adapter:PythiaJaxLM"
 
 
@@ -65,19 +71,54 @@ def register() -> None:
             model_registry.register(alias, target=_TARGET)
 
 
-def _parse_batch_size(bs) -> int:
+#: Where `batch_size=auto` starts its search when no max_batch_size is given (lm-eval's HF
+#: model uses the same default).
+AUTO_MAX_BATCH_SIZE = 64
+
+
+def _parse_batch_size(bs) -> int | str:
+    """A positive int, or "auto" (also lm-eval's "auto:N": the search runs once here)."""
     if bs is None:
         return 16
     if isinstance(bs, str):
-        if bs.startswith("auto"):
-            return 16
+        if bs == "auto" or bs.startswith("auto:"):
+            return "auto"
         try:
             bs = int(bs)
         except ValueError:
             raise ValueError(f"batch_size: expected an integer or 'auto', got {bs!r}") from None
-    if int(bs) < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {bs!r}")
+    if isinstance(bs, bool) or int(bs) < 1:
+        raise ValueError(f"batch_size: expected a positive integer or 'auto', got {bs!r}")
     return int(bs)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An XLA allocation failure (RESOURCE_EXHAUSTED / out of memory) on the device."""
+    text = str(e)
+    return isinstance(e, jax.errors.JaxRuntimeError) and (
+        "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower())
+
+
+def find_batch_size(trial: Callable[[int], object], start: int) -> int:
+    """The largest of start, start // 2, ..., 1 for which `trial(batch)` runs without running out
+    of device memory (HF's search: try large, halve on a resource-exhausted error). Other errors
+    propagate; out of memory at batch 1 is a RuntimeError saying so."""
+    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+        raise ValueError(f"max_batch_size: expected a positive integer, got {start!r}")
+    b = start
+    while True:
+        try:
+            trial(b)
+            return b
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(e):
+                raise
+            if b == 1:
+                raise RuntimeError(f"batch_size=auto: even one row of the model window runs out "
+                                   f"of device memory ({str(e).splitlines()[0]}); lower "
+                                   "max_length or use a smaller dtype") from None
+            log.info("pythia_jax: batch_size %d ran out of memory; trying %d", b, b // 2)
+            b //= 2
 
 
 class PythiaJaxLM(TemplateLM):
@@ -104,7 +145,6 @@ class PythiaJaxLM(TemplateLM):
             self._name = "GPTNeoX(in-memory)"
             src = None
         else:
-            from pythia_jax.hf import from_pretrained
             src = os.fspath(pretrained)
             if dtype in ("auto", "None", ""):
                 dtype = None  # from_pretrained's default: float32 parameters
@@ -113,7 +153,6 @@ class PythiaJaxLM(TemplateLM):
         if tokenizer is None:
             self.tokenizer = tokenizer_for(src, revision)
         elif isinstance(tokenizer, (str, os.PathLike)):
-            from pythia_jax.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(tokenizer)
         else:
             self.tokenizer = tokenizer
@@ -122,8 +161,24 @@ class PythiaJaxLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self._batch_size = _parse_batch_size(batch_size)
         self._seed = int(seed)
+        if self._batch_size == "auto":
+            # HF's way: the most rows of the full window that fit, from max_batch_size down
+            start = AUTO_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size
+            if isinstance(start, str) and start.isdigit():
+                start = int(start)
+            self._batch_size = find_batch_size(self._trial_batch, start)
+            max_batch_tokens = max(max_batch_tokens, self._batch_size * self._max_length)
+            log.info("pythia_jax: batch_size=auto chose %d", self._batch_size)
         self.scorer = TokenScorer(self._model, max_length=self._max_length,
                                   batch_size=self._batch_size, max_batch_tokens=max_batch_tokens)
+
+    def _trial_batch(self, rows: int) -> None:
+        """Score `rows` rows of the full window once (what batch_size=auto tries)."""
+        T = self._max_length
+        scorer = TokenScorer(self._model, max_length=T, batch_size=rows,
+                             max_batch_tokens=rows * T)
+        row = ([EOD_ID] * T, [EOD_ID] * T, [True] * T)
+        scorer.score_rows([row] * rows)
 
     # -- properties lm-eval reads ---------------------------------------------------------------
     @property
@@ -132,11 +187,11 @@ class PythiaJaxLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return EOT_ID
+        return EOD_ID
 
     @property
     def prefix_token_id(self) -> int:
-        return EOT_ID
+        return EOD_ID
 
     @property
     def max_length(self) -> int:
@@ -205,7 +260,6 @@ class PythiaJaxLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                           postprocess_generated_text)
-        from pythia_jax.generate import generate_arrays
 
         if not requests:
             return []

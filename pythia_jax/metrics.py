@@ -1,6 +1,11 @@
-"""Training metrics: throughput / MFU arithmetic and the writers (console, JSONL, TensorBoard).
+"""Training metrics: throughput / MFU arithmetic and the writers (console, JSONL, TensorBoard,
+and Weights & Biases when `train.wandb_project` is set: the `wandb` extra).
 
 Only process 0 writes; every writer appends (a resumed run continues the same files).
+In a remote workdir (`gs://…`) the files are written in a local temporary folder and uploaded
+through `paths` (an object store has no append): `metrics.jsonl` whole, TensorBoard event files
+that changed, every `sync_secs` seconds and at `flush()` / `close()`; a resumed run first
+downloads the existing `metrics.jsonl` to continue it.
 """
 
 from __future__ import annotations
@@ -8,14 +13,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-__all__ = ["peak_flops_per_device", "throughput", "MetricsWriter", "format_metrics"]
+from pythia_jax import paths
+from pythia_jax.progress import logger
+
+_LOG = logger("train")
+
+__all__ = ["peak_flops_per_device", "throughput", "MetricsWriter", "format_metrics",
+           "MissingWandb"]
 
 #: Dense bf16 peak FLOP/s per device (chip for TPU), matched on `device_kind` (first match wins).
 _PEAK_FLOPS = (
@@ -70,33 +83,100 @@ def format_metrics(step: int, metrics: Mapping[str, Any], keys=None) -> str:
     return f"step {step}: " + " ".join(_fmt(k, metrics.get(k)) for k in keys if k in metrics)
 
 
+def _drop_steps_after(path: str, step: int) -> int:
+    """Rewrite the JSONL file `path` (atomically) without the lines whose "step" is > `step`;
+    returns how many were dropped. Lines that are not JSON objects with a step are kept."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            rec_step = None
+        if not (isinstance(rec_step, int) and rec_step > step):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    dropped = len(lines) - len(keep)
+    if dropped:
+        paths.write_text(path, "".join(keep))
+    return dropped
+
+
+class MissingWandb(ImportError):
+    """A Weights & Biases project is configured but the `wandb` package is not installed."""
+
+
+def _wandb_run(project: str, config: Mapping | None, local_dir: str | None):
+    try:
+        import wandb  # optional dependency (the `wandb` extra)
+    except ImportError:
+        raise MissingWandb(f"train.wandb_project={project!r} needs the wandb package: "
+                           "pip install 'pythia-jax[wandb]' (or leave train.wandb_project empty)"
+                           ) from None
+    return wandb.init(project=project, config=dict(config or {}), dir=local_dir,
+                      resume="allow")
+
+
 class MetricsWriter:
-    """Console progress bar + `metrics.jsonl` + TensorBoard event files in `workdir`.
+    """Console progress bar + `metrics.jsonl` + TensorBoard event files in `workdir` (a local
+    folder or a URL; see the module docstring for remote workdirs).
 
     On processes other than 0 every method is a no-op.
     """
 
     def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
                  progress_bar: bool = True, jsonl_name: str = "metrics.jsonl",
-                 tensorboard_dir: str = "tensorboard", enabled: bool | None = None):
+                 tensorboard_dir: str = "tensorboard", enabled: bool | None = None,
+                 sync_secs: float = 30.0, resume_step: int | None = None,
+                 wandb_project: str | None = None, wandb_config: Mapping | None = None):
+        """resume_step: the step a resumed run continues from; lines of `metrics.jsonl` for
+        later steps (logged by the earlier run after its last checkpoint, and about to be
+        logged again) are dropped first, so every step appears once.
+        wandb_project: also log every scalar to this Weights & Biases project (the `wandb`
+        extra; off when empty; `WANDB_MODE=offline` keeps the run in local files)."""
         self.enabled = (jax.process_index() == 0) if enabled is None else enabled
-        self.jsonl_path = os.path.join(workdir, jsonl_name)
+        workdir = os.fspath(workdir)
+        self.jsonl_path = paths.join(workdir, jsonl_name)
+        self.tensorboard_path = paths.join(workdir, tensorboard_dir)
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
+        self._staging = None  # local folder of a remote workdir's files
+        self._sync_secs = float(sync_secs)
+        self._synced_at = time.monotonic()
+        self._sync_state: dict = {}
         if not self.enabled:
             return
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        local_jsonl, local_tb = self.jsonl_path, self.tensorboard_path
+        if paths.is_remote(workdir):
+            paths.check_available(workdir)
+            self._staging = tempfile.mkdtemp(prefix="pythia-jax-metrics-")
+            local_jsonl = os.path.join(self._staging, jsonl_name)
+            local_tb = os.path.join(self._staging, tensorboard_dir)
+            if paths.exists(self.jsonl_path):  # a resumed run continues the file
+                paths.download(self.jsonl_path, local_jsonl)
+        self.dropped_lines = 0
+        if resume_step is not None and os.path.exists(local_jsonl):
+            self.dropped_lines = _drop_steps_after(local_jsonl, int(resume_step))
         try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, tensorboard_dir),
-                                     purge_step=None, flush_secs=30)
-        except ImportError:  # optional dependency: log to the console and JSONL only
-            self._tb = None
-        if progress_bar:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
-                             dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+            self._jsonl = open(local_jsonl, "a", encoding="utf-8")
+            self._local_tb = local_tb
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=local_tb, purge_step=None, flush_secs=30)
+            except ImportError:  # optional dependency: log to the console and JSONL only
+                self._tb = None
+            if wandb_project:
+                self._wandb = _wandb_run(str(wandb_project), wandb_config,
+                                         self._staging or (workdir if os.path.isdir(workdir) else None))
+            if progress_bar:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                                 dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+        except BaseException:  # e.g. MissingWandb: close what was opened (no writer thread left)
+            self.close()
+            raise
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train",
               console: bool = True) -> None:
@@ -118,6 +198,12 @@ class MetricsWriter:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{prefix}/{k}", v, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            step=int(step))
+        if self._staging is not None and time.monotonic() - self._synced_at >= self._sync_secs:
+            self.flush()
         if console:
             line = (format_metrics(step, clean) if prefix == "train"
                     else f"step {step}: " + " ".join(f"{prefix}_{_fmt(k, v)}"
@@ -133,18 +219,26 @@ class MetricsWriter:
             self._bar.update(step - self._bar.n)
 
     def print(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
+        """A console line (process 0): the `pythia_jax.train` logger at INFO, which
+        `progress.console` writes above the progress bar."""
+        if self.enabled:
+            _LOG.info(line)
 
     def flush(self) -> None:
+        """Flush the files (and upload them, for a remote workdir)."""
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
+        self._sync()
+
+    def _sync(self) -> None:
+        if self._staging is None or self._jsonl is None:
+            return
+        paths.upload(self._jsonl.name, self.jsonl_path)
+        if os.path.isdir(self._local_tb):
+            paths.sync_up(self._local_tb, self.tensorboard_path, self._sync_state)
+        self._synced_at = time.monotonic()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -153,6 +247,17 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        try:
+            if self._jsonl is not None:
+                self._jsonl.flush()
+                self._sync()
+        finally:
+            if self._jsonl is not None:
+                self._jsonl.close()
+                self._jsonl = None
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -133,8 +134,40 @@ def test_adapter_bad_args(setup):
         adapter.PythiaJaxLM(pretrained=str(d), batch_size="many")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         adapter.PythiaJaxLM(pretrained=str(d / "missing"))
-    lm = adapter.PythiaJaxLM(pretrained=str(d), batch_size="auto", max_length=32)
-    assert lm.batch_size == 16 and lm.max_length == 32
+    # batch_size=auto searches (tests/test_lm_eval_adapter.py: test_batch_size_auto_*); on the
+    # CPU nothing runs out of memory, so it is max_batch_size (was: silently 16, issue 18)
+    lm = adapter.PythiaJaxLM(pretrained=str(d), batch_size="auto", max_length=32,
+                             max_batch_size=8)
+    assert lm.batch_size == 8 and lm.max_length == 32
     with pytest.raises(ValueError, match="leaves no room"):
         lm.generate_until(_instances("generate_until", [("hi", {"max_gen_toks": 40})]))
     assert math.isfinite(lm.loglikelihood(_instances("loglikelihood", [("a", " b")]))[0][0])
+
+
+def test_batch_size_auto_halves_on_out_of_memory_and_scores_the_same(setup):
+    d, _ = setup
+    tried = []
+
+    def trial(b):  # a device with room for 5 rows: larger batches fail as XLA reports it
+        tried.append(b)
+        if b > 5:
+            raise jax.errors.JaxRuntimeError(
+                f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate {b << 20} bytes.")
+    assert adapter.find_batch_size(trial, 64) == 4 and tried == [64, 32, 16, 8, 4]
+    with pytest.raises(RuntimeError, match="even one row of the model window runs out"):
+        adapter.find_batch_size(lambda b: trial(99), 4)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # other errors propagate
+        adapter.find_batch_size(
+            lambda b: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")), 8)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        adapter.PythiaJaxLM(pretrained=str(d), batch_size="auto", max_batch_size=0)
+    # the chosen size scores like batch 1 (the real trial ran on the model: rows of the window)
+    auto = adapter.PythiaJaxLM(pretrained=str(d), batch_size="auto:4", max_length=32,
+                               max_batch_size="4")
+    one = adapter.PythiaJaxLM(pretrained=str(d), batch_size=1, max_length=32)
+    assert auto.batch_size == 4 and auto.scorer.max_batch_tokens >= 4 * 32
+    reqs = _instances("loglikelihood", [("The cat sat on the", " mat"), ("a", " b c"),
+                                        ("Hello there", " friend"), ("x", " y"), ("q", " r")])
+    np.testing.assert_allclose([r[0] for r in auto.loglikelihood(reqs, disable_tqdm=True)],
+                               [r[0] for r in one.loglikelihood(reqs, disable_tqdm=True)],
+                               rtol=1e-5)
