@@ -72,7 +72,7 @@ def _time(f, args, iters):
 
 
 def run_timing(impls, head_dims, B, T, iters, dtype=jnp.bfloat16):
-    from pythia_jax.model import rotary_tables
+    from pythia_jax.layers import rotary_tables
     rows = []
     for H in head_dims:
         model, N = PYTHIA_SHAPES[H]

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pythia_jax.generate import bucket_length, generate_arrays
+    from pythia_jax.generation import bucket_length, generate_arrays
 
     info = machine_info()
     print(f"machine: {info}")

@@ -9,7 +9,7 @@ default) and compares, in bfloat16 against a float32 "highest" reference (error 
   A. attention of q, k, v sliced from a fused [B, T, N, 3, H] tensor (as the model does);
   B. the same with separate q, k, v arrays;
   C. A followed by the output projection einsum("btnh,nhd->btd");
-  D. one whole pythia-160m layer (`block_forward`).
+  D. one whole pythia-160m layer (`layers.decoder_layer` with the model's causal attention).
 
 On CPU all four are ~0.3-0.6 %. On one H100 with jax 0.11.2 (CUDA 13 plugins), A and B were
 0.29 % but C was 122 % and D 8.9 %; with one query block (the library's setting off CPU) the
@@ -27,7 +27,8 @@ from flax import nnx
 
 from pythia_jax.attention import xla as X
 from pythia_jax.config import get_preset
-from pythia_jax.model import GPTNeoX, block_forward, rotary_tables
+from pythia_jax.layers import decoder_layer, rotary_tables
+from pythia_jax.model import GPTNeoX, causal_attention
 
 
 def _rel(got, ref) -> float:
@@ -65,9 +66,11 @@ def main() -> None:
     cos, sin = rotary_tables(jnp.broadcast_to(jnp.arange(T), (B, T)), cfg.rotary_dim,
                              cfg.rotary_emb_base)
     with jax.default_matmul_precision("highest"):
-        ref_d = jax.jit(lambda p, x: block_forward(cfg, p, x, cos, sin)[0])(p, x)
+        ref_d = jax.jit(lambda p, x: decoder_layer(cfg, p, x, (cos, sin),
+                                                   causal_attention(cfg.attention_impl))[0])(p, x)
     c16 = dataclasses.replace(cfg, dtype="bfloat16", attention_impl="xla")
-    got_d = jax.jit(lambda p, x: block_forward(c16, p, x.astype(jnp.bfloat16), cos, sin)[0])(p, x)
+    got_d = jax.jit(lambda p, x: decoder_layer(c16, p, x.astype(jnp.bfloat16), (cos, sin),
+                                               causal_attention("xla"))[0])(p, x)
     print(f"D  one pythia-160m layer:            {_rel(got_d, ref_d):.4f}")
 
 

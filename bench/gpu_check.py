@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import importlib.util
 import json
 import os
 import pathlib
@@ -41,6 +40,8 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pythia_jax.configs import pythia as pythia_configs  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from attention import _time  # noqa: E402  (median of timed calls after two warm-ups)
@@ -207,11 +208,8 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
 
 
 def train_throughput(size: str, batch: int, steps: int, peak_mm: float, peak_nominal):
-    spec = importlib.util.spec_from_file_location("_cfg", REPO / "configs" / "pythia.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     from pythia_jax import train
-    c = mod.get_config(size)
+    c = pythia_configs.get_config(size)
     c.train.batch_size = batch
     c.train.grad_accum_steps = 1
     c.train.microbatch_per_device = 0

@@ -19,7 +19,6 @@ sides so that load from other processes hits both alike.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -35,12 +34,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pythia_jax.configs import pythia as pythia_configs  # noqa: E402
+
 
 def _pythia_config(size: str, batch: int, seq: int, scan: bool):
-    spec = importlib.util.spec_from_file_location("_cfg", REPO / "configs" / "pythia.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(size)
+    c = pythia_configs.get_config(size)
     c.model.dtype = "float32"           # fp32 on both sides (CPU)
     c.model.gelu_approximate = False    # HF "gelu" (exact erf) on both sides
     c.model.scan_layers = scan

@@ -5,10 +5,11 @@ counts: test_train_resume.py.)"""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +19,9 @@ import pytest
 from conftest import REPO
 from pythia_jax import checkpoint as ckpt_lib
 from pythia_jax import optim, train
+from pythia_jax.configs import smoke
 
 VOCAB = 256
-
-
-def load_config_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_rows(prefix, n_rows: int, seq_len: int, *, seed: int = 0, row_len: int | None = None):
@@ -59,7 +54,7 @@ TINY = {
 
 def tiny_config(data_path: str, **overrides):
     """configs/smoke.py shrunk to a 2-layer, width-32, 256-token model on `data_path`."""
-    c = load_config_module("smoke").get_config()
+    c = smoke.get_config()
     for key, value in {**TINY, "data.path": str(data_path), **overrides}.items():
         node = c
         *parents, leaf = key.split(".")
@@ -153,6 +148,42 @@ def test_gradient_accumulation_matches_the_full_batch(rows16):
                                  init=False)
 
 
+def test_grad_reduce_modes_on_one_device_and_bad_values(rows16):
+    """train.grad_reduce: "auto" resolves by the mesh (fsdp keeps the sharded accumulator);
+    on one device "step" and "microbatch" give the same loss and gradients (the 8-device
+    comparison and the HLO check: test_sharding.py); a bad value names the field."""
+    from jax.sharding import AbstractMesh
+    from pythia_jax.data.order import PythiaOrder
+    from pythia_jax.sharding import logical_rules
+
+    axes = ("data", "fsdp", "tensor")
+    assert train.resolve_grad_reduce("auto", AbstractMesh((8, 1, 1), axes)) == "step"
+    assert train.resolve_grad_reduce("auto", AbstractMesh((2, 2, 2), axes)) == "microbatch"
+    assert train.resolve_grad_reduce("step", AbstractMesh((1, 8, 1), axes)) == "step"
+    rows = PythiaOrder(rows16, batch_size=8, seq_len=16).batch(0)
+    out = {}
+    for mode in ("microbatch", "step"):
+        cfg = tiny_config(rows16, **{"train.grad_accum_steps": 4, "train.grad_reduce": mode})
+        mesh = train.make_mesh(cfg)
+        state, setup = train.create_train_state(cfg, mesh)
+        assert (setup.grad_accum, setup.grad_reduce) == (4, mode)
+        b = _batch(setup, rows)
+
+        def grads(params, inputs, targets, setup=setup, mesh=mesh):
+            with logical_rules(mesh):
+                return train._grads(setup, params, inputs, targets)
+
+        out[mode] = jax.device_get(jax.jit(grads)(state.params, b["inputs"], b["targets"]))
+    (l_mb, g_mb), (l_st, g_st) = out["microbatch"], out["step"]
+    assert float(l_st) == pytest.approx(float(l_mb), rel=1e-6)
+    for (k, x), y in zip(_flat(g_st).items(), _flat(g_mb).values()):
+        scale = max(float(np.max(np.abs(y))), 1e-30)
+        assert float(np.max(np.abs(x - y))) <= 1e-5 * scale, k
+    with pytest.raises(train.TrainConfigError, match="train.grad_reduce"):
+        train.create_train_state(tiny_config(rows16, **{"train.grad_reduce": "layer"}), mesh,
+                                 init=False)
+
+
 def test_bf16_compute_keeps_fp32_master_weights(rows16):
     from pythia_jax.data.order import PythiaOrder
     rows = PythiaOrder(rows16, batch_size=8, seq_len=16).batch(0)
@@ -205,10 +236,24 @@ def _read_jsonl(path):
 def test_loop_logs_checkpoints_resumes_and_loads(tmp_path, rows16):
     import pythia_jax
 
+    import logging
+
+    class Lines(logging.Handler):  # status lines are records of `pythia_jax.train`, not prints
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    lines = []
     workdir = tmp_path / "run"
     c = tiny_config(rows16)
-    summary = train.train(c, str(workdir))
+    logging.getLogger("pythia_jax.train").addHandler(handler := Lines())
+    try:
+        summary = train.train(c, str(workdir))
+    finally:
+        logging.getLogger("pythia_jax.train").removeHandler(handler)
     assert summary["end_step"] == 6 and not summary["preempted"]
+    assert lines[0].startswith("initialized tiny"), lines
+    assert [l.split(":")[0] for l in lines if l.startswith("step ")] == [
+        "step 2", "step 4", "step 6"], lines
 
     # logs: JSONL (every log_every steps) and TensorBoard event files
     recs = [r for r in _read_jsonl(workdir / train.METRICS_FILE) if r["split"] == "train"]
@@ -224,11 +269,11 @@ def test_loop_logs_checkpoints_resumes_and_loads(tmp_path, rows16):
     assert events and events[0].stat().st_size > 0
 
     # checkpoints: the configured schedule (0, 1, 2, 4) plus the final step
-    ckdir = workdir / train.CHECKPOINT_DIR
+    ckdir = workdir / ckpt_lib.CHECKPOINT_DIR
     assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [0, 1, 2, 4, 6]
-    assert train.resolve_checkpoint_dir(workdir) == str(ckdir / "6")
-    assert train.resolve_checkpoint_dir(ckdir / "2") == str(ckdir / "2")
-    assert train.resolve_checkpoint_dir(tmp_path / "nothing-here") is None
+    assert ckpt_lib.resolve_checkpoint_dir(workdir) == str(ckdir / "6")
+    assert ckpt_lib.resolve_checkpoint_dir(ckdir / "2") == str(ckdir / "2")
+    assert ckpt_lib.resolve_checkpoint_dir(tmp_path / "nothing-here") is None
 
     # every step directory is a model directory: from_pretrained(workdir) = the latest step
     final = _flat(summary["state"].params)
@@ -265,7 +310,7 @@ def test_rolling_checkpoint_keeps_only_the_latest(tmp_path, rows16):
     c = tiny_config(rows16, **{"train.num_steps": 7, "checkpoint.extra_steps": (0,),
                                "checkpoint.rolling_every": 2, "checkpoint.keep_rolling": 1})
     train.train(c, str(workdir))
-    ckdir = workdir / train.CHECKPOINT_DIR
+    ckdir = workdir / ckpt_lib.CHECKPOINT_DIR
     assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [0, 7]
 
 
@@ -318,7 +363,7 @@ def test_corrupt_checkpoint_directory(tmp_path, rows16):
     w = tmp_path / "corrupt"
     c = tiny_config(rows16, **{"train.num_steps": 2})
     train.train(c, str(w))
-    step2 = w / train.CHECKPOINT_DIR / "2"
+    step2 = w / ckpt_lib.CHECKPOINT_DIR / "2"
     for f in (step2 / ckpt_lib.PARAMS_DIR).rglob("*"):
         if f.is_file():
             f.write_bytes(b"not an orbax file")
@@ -333,7 +378,7 @@ def test_corrupt_checkpoint_directory(tmp_path, rows16):
     # a step whose bookkeeping item is gone is also refused (and kept)
     w2 = tmp_path / "no_meta"
     train.train(c, str(w2))
-    meta = w2 / train.CHECKPOINT_DIR / "2" / "meta"
+    meta = w2 / ckpt_lib.CHECKPOINT_DIR / "2" / "meta"
     for f in meta.iterdir():
         f.unlink()
     before = snapshot(w2)
@@ -346,7 +391,7 @@ def test_corrupt_checkpoint_directory(tmp_path, rows16):
 @pytest.mark.slow
 def test_loss_goes_down_on_the_smoke_config(tmp_path):
     """configs/smoke.py as shipped (bundled corpus tokenized on first use), 40 steps."""
-    c = load_config_module("smoke").get_config()
+    c = smoke.get_config()
     c.train.num_steps = 40
     c.train.log_every = 10
     c.train.progress_bar = False
@@ -367,3 +412,56 @@ def test_loss_goes_down_on_the_smoke_config(tmp_path):
     assert set(np.unique(ds.sizes)) == {c.train.seq_len + 1}
     assert len(ds) > c.train.num_steps * c.train.batch_size
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir()) == [0, 40]
+
+
+def test_setups_are_built_per_call_and_reused_only_when_passed(rows16, tmp_path):
+    """No hidden cache: each `create_train_state` builds its own setup (and compiled step); a
+    setup handed back (`setup=`, e.g. a summary's) is reused as is, and one built for another
+    config is refused by name."""
+    c = tiny_config(rows16, **{"train.num_steps": 2, "checkpoint.extra_steps": ()})
+    mesh = train.make_mesh(c)
+    _, s1 = train.create_train_state(c, mesh, init=False)
+    _, s2 = train.create_train_state(c, mesh, init=False)
+    assert s1 is not s2 and train.make_train_step(s1) is not train.make_train_step(s2)
+    _, same = train.create_train_state(c, mesh, init=False, setup=s1)
+    assert same is s1
+    summary = train.train(c, tmp_path / "a", setup=s1)
+    assert summary["setup"] is s1 and summary["end_step"] == 2
+    other = tiny_config(rows16, **{"optim.peak_lr": 5e-3})
+    with pytest.raises(train.TrainConfigError, match="setup: built for another model, "
+                                                     "optimizer, seed, mesh or batch layout"):
+        train.create_train_state(other, mesh, setup=s1)
+    with pytest.raises(train.TrainConfigError, match="setup: built for another"):
+        train.train(other, tmp_path / "b", setup=s1)
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+
+
+_NO_IMPORT_SWAP = r"""
+import builtins, sys
+sys.path.insert(0, "tests")
+from pythia_jax import train      # everything train needs, imported up front
+from test_train import tiny_config
+import etils.epy
+opened = []
+real = etils.epy.lazy_imports
+def recording(*a, **k):           # grain and etils.enp open this block while they import
+    opened.append(sys._getframe(2).f_code.co_filename)
+    return real(*a, **k)
+etils.epy.lazy_imports = recording
+original_import = builtins.__import__
+train.train(tiny_config(sys.argv[1], **{"train.num_steps": 2}), sys.argv[2])
+assert builtins.__import__ is original_import
+print("OPENED", opened)
+"""
+
+
+def test_no_import_swaps_builtins_import_while_saves_are_in_flight(tmp_path, rows16):
+    """etils' `lazy_imports()` (grain opens one while it imports) replaces `builtins.__import__`
+    for every thread; opened mid-run, an orbax save thread's `from math import log` got a
+    LazyModule and the save failed (Python 3.12 CI). Training imports all of that before its
+    first save: a fresh process records no such block during `train.train`."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", _NO_IMPORT_SWAP, rows16, str(tmp_path / "w")],
+                       cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "OPENED []" in p.stdout, p.stdout[-2000:]
