@@ -45,6 +45,7 @@ power-of-two microbatch whose step fits in HBM (compiling each candidate tried) 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -235,7 +236,8 @@ def compile_step(config, devices):
 
 def compile_grads(config, devices):
     """(compiled, seconds): loss and gradients of one batch (no optimizer), as the train step
-    computes them (`train.loss_fn` under the logical rules), for `devices`."""
+    computes them (`train.loss_fn` under the logical rules, fused as `train.fused_loss` says),
+    for `devices`."""
     mesh = train.make_mesh(config, devices=devices)
     _, setup = train.create_train_state(config, mesh, init=False)
     tok = _abstract_batch(config, setup)
@@ -243,7 +245,8 @@ def compile_grads(config, devices):
 
     def loss_and_grads(params, inputs, targets):
         with shd.logical_rules(mesh):
-            return jax.value_and_grad(train.loss_fn)(params, setup.graphdef, inputs, targets)
+            loss = functools.partial(train.loss_fn, fused=setup.fused_loss)
+            return jax.value_and_grad(loss)(params, setup.graphdef, inputs, targets)
 
     fn = jax.jit(loss_and_grads, in_shardings=(p_sh, setup.batch_sharding, setup.batch_sharding),
                  out_shardings=(NamedSharding(mesh, PartitionSpec()), p_sh))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pythia_jax import checkpoint as ckpt_lib
+from pythia_jax import fused_loss as fused_loss_lib
 from pythia_jax import optim as optim_lib
 from pythia_jax import paths
 from pythia_jax import progress
@@ -108,6 +110,7 @@ class TrainSetup:
     batch_sharding: NamedSharding
     grad_accum: int
     grad_reduce: str = "microbatch"     # "step" / "microbatch": `resolve_grad_reduce`
+    fused_loss: bool = False            # `train.fused_loss`: see `loss_fn`
     init_fn: Callable | None = None     # jitted, creates the state directly sharded
     key: tuple = dataclasses.field(default=(), repr=False, compare=False)  # `_setup_key`
     _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -152,6 +155,9 @@ def validate_config(config) -> ModelConfig:
     if _grad_reduce_field(config) not in GRAD_REDUCE:
         raise TrainConfigError(f"config.train.grad_reduce: expected one of {GRAD_REDUCE}, got "
                                f"{_grad_reduce_field(config)!r}")
+    if not isinstance(_fused_loss_field(config), bool):
+        raise TrainConfigError(f"config.train.fused_loss: expected True or False, got "
+                               f"{_fused_loss_field(config)!r}")
     _positive_int(config, "optim.decay_steps")
     _positive_int(config, "optim.warmup_steps", allow_zero=True)
     _positive_int(config, "checkpoint.every", allow_zero=True)
@@ -247,8 +253,26 @@ def cross_entropy(logits_BTV, targets_BT):
     return jnp.mean(logz - tgt)
 
 
-def loss_fn(params, graphdef, inputs_BT, targets_BT):
+def loss_fn(params, graphdef, inputs_BT, targets_BT, fused: bool = False):
+    """Mean token cross-entropy of the model on a batch.
+
+    `fused` (`train.fused_loss`): where the fused output-layer + cross-entropy kernel can run
+    (`fused_loss.kernel_available()`: traced for TPU, or inside `fused_loss.interpret_mode()`)
+    the model returns its final hidden states and `fused_loss.sharded_cross_entropy` computes
+    the loss from them and `embed_out` (cast to the compute dtype, as the model's einsum does)
+    without materialising the fp32 logits; elsewhere (CPU, GPU, a vocab-splitting mesh) the
+    plain loss."""
     model = nnx.merge(graphdef, params)
+    if fused and fused_loss_lib.kernel_available():
+        cdt = jnp.dtype(model.config.dtype)
+        hidden = model(inputs_BT, return_hidden=True)
+        loss = fused_loss_lib.sharded_cross_entropy(
+            hidden, model.embed_out.embedding[...].astype(cdt), targets_BT)
+        if loss is not None:
+            return loss
+        return cross_entropy(jnp.einsum("btd,vd->btv", hidden,
+                                        model.embed_out.embedding[...].astype(cdt),
+                                        preferred_element_type=jnp.float32), targets_BT)
     return cross_entropy(model(inputs_BT), targets_BT)
 
 
@@ -277,6 +301,11 @@ def _grad_reduce_field(config) -> str:
     return config.train.get("grad_reduce", "auto")
 
 
+def _fused_loss_field(config):
+    """`train.fused_loss` (False where the config has no such field)."""
+    return config.train.get("fused_loss", False)
+
+
 def _grads(setup: TrainSetup, params, inputs, targets, reduce: str | None = None):
     """(loss, grads) of the whole global batch, accumulated over `setup.grad_accum` pieces;
     `reduce` ("step" / "microbatch", default the setup's): where the gradients are reduced
@@ -284,7 +313,7 @@ def _grads(setup: TrainSetup, params, inputs, targets, reduce: str | None = None
     gradients once, overlapped with the backward pass, either way."""
     A = setup.grad_accum
     reduce = setup.grad_reduce if reduce is None else reduce
-    vg = jax.value_and_grad(loss_fn)
+    vg = jax.value_and_grad(functools.partial(loss_fn, fused=setup.fused_loss))
     if A == 1:
         return vg(params, setup.graphdef, inputs, targets)
     if reduce == "step":
@@ -337,7 +366,7 @@ def _grads_reduced_per_step(setup: TrainSetup, params, inputs, targets):
     shards = _batch_shards(mesh)
     specs = jax.tree.map(lambda s: _manual_part(s.spec, manual), setup.state_shardings.params)
     batch_spec = P(manual, None)
-    vg = jax.value_and_grad(loss_fn)
+    vg = jax.value_and_grad(functools.partial(loss_fn, fused=setup.fused_loss))
 
     def axes_of(spec):  # (dim, batch axis) pairs this parameter is split on
         out = []
@@ -421,7 +450,8 @@ def make_eval_step(setup: TrainSetup):
 
     def eval_step(params, batch):
         with shd.logical_rules(setup.mesh):
-            return loss_fn(params, setup.graphdef, batch["inputs"], batch["targets"])
+            return loss_fn(params, setup.graphdef, batch["inputs"], batch["targets"],
+                           fused=setup.fused_loss)
 
     if "eval_step" not in setup._jitted:
         batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
@@ -438,7 +468,7 @@ def _setup_key(config, mesh: Mesh, mcfg: ModelConfig):
     t = config.train
     return (mcfg, json.dumps(optim_cfg, sort_keys=True, default=str), int(t.seed), mesh,
             int(t.batch_size), int(t.grad_accum_steps), int(t.microbatch_per_device),
-            _grad_reduce_field(config))
+            _grad_reduce_field(config), _fused_loss_field(config))
 
 
 def create_train_state(config, mesh: Mesh, *, init: bool = True,
@@ -486,6 +516,7 @@ def _build_setup(config, mesh: Mesh, mcfg: ModelConfig, key) -> TrainSetup:
         batch_sharding=NamedSharding(mesh, P(BATCH_AXES, None)),
         grad_accum=grad_accum_steps(config, mesh),
         grad_reduce=resolve_grad_reduce(_grad_reduce_field(config), mesh),
+        fused_loss=_fused_loss_field(config),
         init_fn=jax.jit(init_fn, out_shardings=state_sh), key=key)
 
 
@@ -548,7 +579,9 @@ class Checkpoints:
             self._check_compatible(self.store.step_dir(step), meta)
             params, opt_state = self.store.restore(
                 step, params=_params_as_state(self.setup.graphdef, abstract.params),
-                opt_state=abstract.opt_state)
+                opt_state=abstract.opt_state,
+                param_layout=ckpt_lib.layout_of(meta.get("model") or {},
+                                                self.store.step_dir(step)))
         except ckpt_lib.CheckpointDirError as e:
             raise TrainError(str(e)) from None
         step_arr = jax.device_put(jnp.asarray(step, jnp.int32),

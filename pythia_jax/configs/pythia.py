@@ -113,6 +113,11 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     # reduces inside the loop, once per microbatch), "auto" = step unless the mesh has an fsdp
     # axis (there a per-step reduction would need a full-size gradient buffer per device).
     c.train.grad_reduce = "auto"
+    # The output layer fused with the cross-entropy (`pythia_jax.fused_loss`, a Pallas TPU
+    # kernel that never writes the [tokens, vocab] fp32 logits to HBM). Used only where the step
+    # is traced for TPU (elsewhere, and on meshes with tensor > 1, the plain loss). Off by
+    # default: bench/RESULTS.md "Fused output layer + cross-entropy" has the estimates.
+    c.train.fused_loss = False
     c.train.seed = 1234                   # NeoX default seed
     c.train.log_every = 10                # log-interval
     c.train.progress_bar = True

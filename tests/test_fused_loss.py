@@ -1,0 +1,245 @@
+"""pythia_jax.fused_loss: the fused output layer + cross-entropy Pallas kernel (interpret mode on
+CPU) against `train.cross_entropy` of the einsum logits, values and gradients (hidden and
+embedding), fp32 and bf16, sizes that are not multiples of the blocks, bad blocks; the train
+step with `train.fused_loss=True` against the plain one; a deviceless v5e compile (Mosaic
+lowering, VMEM) at a Pythia shape."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pythia_jax import fused_loss as fl
+from pythia_jax import train
+
+
+def _inputs(T, V, D, dtype=jnp.float32, seed=0, lead=None):
+    k = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shape = (T,) if lead is None else lead
+    h = jax.random.normal(k[0], shape + (D,), jnp.float32)
+    e = jax.random.normal(k[1], (V, D), jnp.float32) * (2.0 / np.sqrt(D))
+    t = jax.random.randint(k[2], shape, 0, V)
+    return h.astype(dtype), e.astype(dtype), t
+
+
+def _plain(h, e, t, precision=None):
+    """What the model + train.cross_entropy compute: einsum logits in fp32, then the loss."""
+    eq = "...d,vd->...v"
+    return train.cross_entropy(jnp.einsum(eq, h, e, preferred_element_type=jnp.float32,
+                                          precision=precision), t)
+
+
+def _value_and_grads(fn, h, e):
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(h, e)
+
+
+def _rel_err(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
+
+
+@pytest.mark.parametrize("T,V,D,bt,bv", [
+    (256, 512, 64, 128, 128),    # multiples of the blocks: 2 token x 4 vocab tiles
+    (300, 1000, 64, 128, 256),   # neither: tokens padded to 384, vocab to 1024
+])
+def test_fp32_values_and_gradients_match_the_plain_loss(T, V, D, bt, bv):
+    h, e, t = _inputs(T, V, D)
+    want, (dh_want, de_want) = _value_and_grads(
+        lambda h, e: _plain(h, e, t, precision="highest"), h, e)
+    got, (dh, de) = _value_and_grads(
+        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=bt, block_v=bv), h, e)
+    assert got.dtype == jnp.float32 and dh.dtype == h.dtype and de.dtype == e.dtype
+    assert dh.shape == h.shape and de.shape == e.shape
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert _rel_err(dh, dh_want) < 1e-5
+    assert _rel_err(de, de_want) < 1e-5
+
+
+def test_per_token_losses_with_leading_dims_and_a_weighted_cotangent():
+    """reduction="none" keeps targets' shape; a non-uniform per-token cotangent (weights) reaches
+    both gradients as in the plain loss (the kernels scale each token's row by its own g)."""
+    B, T, V, D = 2, 96, 640, 32
+    h, e, t = _inputs(T, V, D, lead=(B, T), seed=1)
+    w = jax.random.uniform(jax.random.PRNGKey(7), (B, T))
+    w = w.at[0, :10].set(0.0)
+
+    def plain_tok(h, e):
+        logits = jnp.einsum("btd,vd->btv", h, e, preferred_element_type=jnp.float32,
+                            precision="highest")
+        lse = jax.nn.logsumexp(logits, -1)
+        return lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
+
+    def fused_tok(h, e):
+        return fl.fused_cross_entropy(h, e, t, block_t=128, block_v=128, reduction="none")
+
+    per_tok = jax.jit(fused_tok)(h, e)
+    assert per_tok.shape == (B, T) and per_tok.dtype == jnp.float32
+    np.testing.assert_allclose(per_tok, jax.jit(plain_tok)(h, e), rtol=1e-5, atol=1e-5)
+    want = _value_and_grads(lambda h, e: jnp.sum(w * plain_tok(h, e)), h, e)[1]
+    got = _value_and_grads(lambda h, e: jnp.sum(w * fused_tok(h, e)), h, e)[1]
+    for g, gw in zip(got, want):
+        assert _rel_err(g, gw) < 1e-5
+    assert float(jnp.max(jnp.abs(got[0][0, :10]))) == 0.0  # zero weight: zero dhidden
+
+
+def test_bf16_error_is_that_of_the_plain_bf16_loss():
+    """bf16 inputs, fp32 accumulation: the kernel's error against an fp32 reference (on the same
+    bf16-rounded inputs) is within 2x the plain bf16 path's own error, plus a small floor."""
+    T, V, D = 256, 768, 128
+    h, e, t = _inputs(T, V, D, dtype=jnp.bfloat16, seed=2)
+    ref, (dh_ref, de_ref) = _value_and_grads(
+        lambda h, e: _plain(h, e, t, precision="highest"),
+        h.astype(jnp.float32), e.astype(jnp.float32))
+    plain, (dh_p, de_p) = _value_and_grads(lambda h, e: _plain(h, e, t), h, e)
+    got, (dh, de) = _value_and_grads(
+        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=128, block_v=256), h, e)
+    assert dh.dtype == jnp.bfloat16 and de.dtype == jnp.bfloat16
+    assert abs(float(got) - float(ref)) <= 2 * abs(float(plain) - float(ref)) + 1e-3
+    for g, gp, gr in ((dh, dh_p, dh_ref), (de, de_p, de_ref)):
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - gr)))
+        err_plain = float(jnp.max(jnp.abs(gp.astype(jnp.float32) - gr)))
+        scale = float(jnp.max(jnp.abs(gr)))
+        assert err <= 2 * err_plain + 1e-2 * scale, (err, err_plain, scale)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_t": 100}, "block_t=100 must be a positive multiple of 128"),
+    ({"block_v": 0}, "block_v=0 must be a positive multiple of 128"),
+    ({"block_v": 200}, "block_v=200 .*V=1000"),
+    ({"block_t": True}, "block_t=True"),
+    ({"reduction": "sum"}, "reduction"),
+])
+def test_bad_blocks_and_arguments_raise_clear_errors(kwargs, match):
+    h, e, t = _inputs(300, 1000, 64)
+    with pytest.raises(fl.FusedLossError, match=match):
+        fl.fused_cross_entropy(h, e, t, **kwargs)
+    assert issubclass(fl.FusedLossError, ValueError)
+
+
+def test_bad_shapes_raise_clear_errors():
+    h, e, t = _inputs(64, 256, 32)
+    with pytest.raises(fl.FusedLossError, match="embed"):
+        fl.fused_cross_entropy(h, e[:, :16], t)
+    with pytest.raises(fl.FusedLossError, match="targets"):
+        fl.fused_cross_entropy(h, e, t[:10])
+    with pytest.raises(fl.FusedLossError, match="integer"):
+        fl.fused_cross_entropy(h, e, t.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("D,dtype", [(512, jnp.bfloat16), (768, jnp.bfloat16),
+                                     (1024, jnp.bfloat16), (2048, jnp.bfloat16),
+                                     (512, jnp.float32), (1024, jnp.float32)])
+def test_default_blocks_fit_the_vmem_budget(D, dtype):
+    bt, bv = fl.default_blocks(16 * 2048, 50304, D, dtype)
+    assert bt % 128 == 0 and bv % 128 == 0 and bt >= 128 and bv >= 128
+    used = fl.vmem_bytes(bt, bv, D, jnp.dtype(dtype).itemsize)
+    assert max(used.values()) <= fl.VMEM_BUDGET_BYTES, used
+    # clipped to the (padded) sizes of small inputs
+    assert fl.default_blocks(200, 300, 64, jnp.float32) == (256, 384)
+
+
+# ------------------------------------------------------------------------------------------------
+# The train step
+def _tiny_config(**overrides):
+    from pythia_jax.configs import smoke
+    c = smoke.get_config()
+    values = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+              "model.intermediate_size": 128, "model.vocab_size": 300,
+              "model.dtype": "float32", "model.scan_layers": False,
+              "data.build_from_text": "", "data.eval_path": "",
+              "train.batch_size": 8, "train.seq_len": 16, "train.grad_accum_steps": 1,
+              **overrides}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x), np.float64)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_train_step_with_fused_loss_equals_the_plain_step():
+    """train.fused_loss=True in interpret mode: the train step's loss and gradients
+    (`train._grads`, what `make_train_step` differentiates; one microbatch of 128 tokens,
+    vocabulary 300 padded to a 384 tile) equal the plain loss's; without interpret mode on CPU
+    the flag leaves the plain loss in place (no Pallas call)."""
+    from pythia_jax.sharding import logical_rules
+
+    rows = np.random.RandomState(0).randint(0, 300, (8, 17)).astype(np.int32)
+    out, state = {}, None
+    for fused in (False, True):
+        cfg = _tiny_config(**{"train.fused_loss": fused})
+        mesh = train.make_mesh(cfg)
+        init, setup = train.create_train_state(cfg, mesh, init=state is None)
+        state = init if state is None else state  # one init (same seed and shardings)
+        assert setup.fused_loss is fused
+        inputs = jax.device_put(rows[:, :-1], setup.batch_sharding)
+        targets = jax.device_put(rows[:, 1:], setup.batch_sharding)
+
+        def grads(params, setup=setup, mesh=mesh):
+            with logical_rules(mesh):
+                return train._grads(setup, params, inputs, targets)
+
+        with fl.interpret_mode():
+            assert ("pallas_call" in str(jax.make_jaxpr(grads)(state.params))) is fused
+            loss, g = jax.jit(grads)(state.params)
+        assert "pallas_call" not in str(jax.make_jaxpr(grads)(state.params))
+        out[fused] = (float(loss), _flat(g))
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert l0 > 5.0  # ~log(300): a real loss, not a trivially equal zero
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert set(g1) == set(g0) and len(g0) > 10
+    for k in g0:
+        scale = max(float(np.max(np.abs(g0[k]))), 1e-30)
+        assert scale > 1e-30, k
+        assert float(np.max(np.abs(g1[k] - g0[k]))) <= 1e-5 * scale, k
+
+
+def test_fused_loss_field_is_validated():
+    cfg = _tiny_config()
+    del cfg.train["fused_loss"]
+    cfg.train.fused_loss = "yes"
+    with pytest.raises(train.TrainConfigError, match="train.fused_loss"):
+        train.create_train_state(cfg, train.make_mesh(cfg), init=False)
+    from pythia_jax.configs import pythia
+    assert pythia.get_config("70m").train.fused_loss is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Deviceless TPU compile (libtpu): the Mosaic lowering and VMEM at a Pythia-70m shape
+def test_v5e_compile_forward_and_backward_within_vmem():
+    from pythia_jax.attention.target import target_platform
+    from pythia_jax.attention.tpu_compile import _kernel_vmem, libtpu_error, topology_desc
+
+    err = libtpu_error()
+    if err:
+        pytest.fail(err)
+    dev = topology_desc("v5e:1x1").devices[0]
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    T, V, D = 2048, 50304, 512
+    h = jax.ShapeDtypeStruct((T, D), jnp.bfloat16, sharding=sh)
+    e = jax.ShapeDtypeStruct((V, D), jnp.bfloat16, sharding=sh)
+    t = jax.ShapeDtypeStruct((T,), jnp.int32, sharding=sh)
+    fn = jax.value_and_grad(lambda h, e, t: fl.fused_cross_entropy(h, e, t), argnums=(0, 1))
+    with target_platform("tpu"):
+        compiled = jax.jit(fn).lower(h, e, t).compile()
+    vmem = _kernel_vmem(compiled.as_text())
+    names = " ".join(vmem)
+    for kernel in ("fwd", "dh", "de"):
+        assert f"pythia_fused_ce_{kernel}" in compiled.as_text(), kernel
+    assert len(vmem) == 3, names
+    for name, used in vmem.items():
+        assert 0 < used <= 16 * 2**20, (name, used)
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    # the kernels' CostEstimates: 2 + 4 + 4 T Vp D FLOPs (Vp = 50304 padded to the block)
+    bt, bv = fl.default_blocks(T, V, D, jnp.bfloat16)
+    Vp = -(-V // bv) * bv
+    assert float(ca["flops"]) >= 10 * T * Vp * D
