@@ -124,26 +124,40 @@ def _round_up(x: int, m: int) -> int:
 
 
 def vmem_bytes(block_t: int, block_v: int, D: int, itemsize: int) -> dict:
-    """Estimated VMEM bytes of each kernel at these blocks: double-buffered BlockSpec tiles,
-    scratch, and ~3 float32 (bt, bv) temporaries (logits, exp, the masked / cotangent tile)."""
+    """Estimated VMEM bytes of each kernel at these blocks: its double-buffered BlockSpec tiles,
+    its scratch and 1.5 float32 (bt, bv) tiles of temporaries (logits, exp; Mosaic streams
+    much of the elementwise work). Checked against the VMEM the v5e compiler allocated
+    (bench/RESULTS.md): at or above it for every kernel measured."""
     bt, bv = block_t, block_v
-    tile = 3 * bt * bv * 4
-    rows = 2 * 8 * bt * 4  # a double-buffered (1, bt) row pads to 8 sublanes
+    tile = 3 * bt * bv * 2  # 1.5 float32 tiles
+    rows = 2 * 8 * bt * 4   # a double-buffered (1, bt) float32 row pads to 8 sublanes
+    lanes = bt * NUM_LANES * 4  # one lane-replicated (bt, 128) float32 scratch
     return {
-        "fwd": 2 * (bt + bv) * D * itemsize + 3 * bt * NUM_LANES * 4 + tile + 3 * rows,
+        "fwd": 2 * (bt + bv) * D * itemsize + 2 * lanes + tile + rows,
+        "fwd_pe": (2 * (bt + bv) * D * itemsize + 2 * bt * D * 4 + bt * D * 4 + 2 * lanes
+                   + tile + rows),
         "dh": 2 * (2 * bt + bv) * D * itemsize + bt * D * 4 + tile + 3 * rows,
         "de": 2 * (bt + 2 * bv) * D * itemsize + bv * D * 4 + tile + 3 * rows,
     }
 
 
-def default_blocks(T: int, V: int, D: int, dtype) -> tuple[int, int]:
+def _kernels(dh_in_forward: bool) -> tuple[str, ...]:
+    return ("fwd", "fwd_pe", "de") if dh_in_forward else ("fwd", "dh", "de")
+
+
+def default_blocks(T: int, V: int, D: int, dtype, dh_in_forward: bool = True) -> tuple[int, int]:
     """(block_t, block_v): DEFAULT_BLOCK_T / DEFAULT_BLOCK_V clipped to the padded sizes, then
-    halved (tokens first, not below 128) until every kernel's `vmem_bytes` fits
-    VMEM_BUDGET_BYTES."""
+    halved (the larger first, not below 128) until the `vmem_bytes` of every kernel that runs
+    fits VMEM_BUDGET_BYTES."""
     isz = jnp.dtype(dtype).itemsize
     bt = min(DEFAULT_BLOCK_T, _round_up(T, BLOCK_MULTIPLE))
     bv = min(DEFAULT_BLOCK_V, _round_up(V, BLOCK_MULTIPLE))
-    while max(vmem_bytes(bt, bv, D, isz).values()) > VMEM_BUDGET_BYTES:
+
+    def need(bt, bv):
+        used = vmem_bytes(bt, bv, D, isz)
+        return max(used[k] for k in _kernels(dh_in_forward))
+
+    while need(bt, bv) > VMEM_BUDGET_BYTES:
         if bt > BLOCK_MULTIPLE and bt >= bv:
             bt //= 2
         elif bv > BLOCK_MULTIPLE:
@@ -174,6 +188,7 @@ class _Static:
     bt: int
     bv: int
     interpret: Any
+    dh_in_forward: bool = True
 
     @property
     def nt(self) -> int:
@@ -203,53 +218,78 @@ def _cost(flops, transcendentals, bytes_accessed):
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward: online logsumexp over the vocabulary tiles
-def _fwd_kernel(h_ref, e_ref, t_ref, loss_ref, lse_ref, m_sc, l_sc, p_sc, *, st: _Static, prec):
+# Forward: online logsumexp over the vocabulary tiles (and, for the backward, softmax @ E)
+def _fwd_kernel(*refs, st: _Static, with_pe: bool, prec):
+    if with_pe:
+        h_ref, e_ref, lse_ref, pe_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        h_ref, e_ref, lse_ref, m_sc, l_sc = refs
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        p_sc[...] = jnp.zeros(p_sc.shape, jnp.float32)
+        if with_pe:
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    s = lax.dot_general(h_ref[...], e_ref[...], _NT, preferred_element_type=jnp.float32,
+    e = e_ref[...]
+    s = lax.dot_general(h_ref[...], e, _NT, preferred_element_type=jnp.float32,
                         precision=prec)  # (bt, bv) logits
-    col = j * st.bv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    tgt = _column(t_ref)  # (bt, 1); ids < 2**24 are exact in float32
-    p_sc[...] += jnp.sum(jnp.where(col.astype(jnp.float32) == tgt, s, 0.0), axis=1,
-                         keepdims=True)
     if st.Vp != st.V:
+        col = j * st.bv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(col < st.V, s, MASK_VALUE)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (bt, 128)
-    l_sc[...] = (jnp.exp(m_prev - m_new) * l_sc[...]
-                 + jnp.sum(jnp.exp(s - m_new[:, :1]), axis=1, keepdims=True))
+    p = jnp.exp(s - m_new[:, :1])
+    alpha = jnp.exp(m_prev - m_new)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
+    if with_pe:  # flash-attention style: E is both the keys and the values
+        acc_sc[...] = acc_sc[...] * alpha[:, :1] + lax.dot_general(
+            p.astype(e.dtype), e, _NN, preferred_element_type=jnp.float32, precision=prec)
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        lse = m_sc[...] + jnp.log(l_sc[...])  # (bt, 128), lane-replicated
+        l = l_sc[...]
+        lse = m_sc[...] + jnp.log(l)  # (bt, 128), lane-replicated
         lse_ref[...] = jnp.transpose(lse)[:1, :]
-        loss_ref[...] = jnp.transpose(lse - p_sc[...])[:1, :]
+        if with_pe:
+            pe_ref[...] = acc_sc[...] * (1.0 / l)[:, :1]
 
 
-def _fwd_call(h, e, t, st: _Static):
+def _fwd_call(h, e, st: _Static, with_pe: bool):
+    """lse [1, T] float32 (and with_pe: softmax(logits) @ E, [T, D] float32)."""
     isz = jnp.dtype(h.dtype).itemsize
     row = pl.BlockSpec((1, st.bt), lambda i, j: (0, i))
-    cost = _cost(2 * st.T * st.Vp * st.D, st.T * st.Vp + st.T * st.nv + st.T,
-                 isz * (st.T * st.D + st.nt * st.Vp * st.D) + 4 * st.T + 8 * st.T)
-    kernel = functools.partial(_fwd_kernel, st=st, prec=_precision(h.dtype))
-    row_shape = jax.ShapeDtypeStruct((1, st.T), jnp.float32)
-    return pl.pallas_call(
-        kernel, out_shape=[row_shape, row_shape], grid=(st.nt, st.nv),
-        in_specs=[pl.BlockSpec((st.bt, st.D), lambda i, j: (i, 0)),
-                  pl.BlockSpec((st.bv, st.D), lambda i, j: (j, 0)), row],
-        out_specs=[row, row],
-        scratch_shapes=[pltpu.VMEM((st.bt, NUM_LANES), jnp.float32) for _ in range(3)],
+    h_spec = pl.BlockSpec((st.bt, st.D), lambda i, j: (i, 0))
+    TVD = st.T * st.Vp * st.D
+    cost = _cost((4 if with_pe else 2) * TVD, st.T * st.Vp + st.T * st.nv + st.T,
+                 isz * (st.T * st.D + st.nt * st.Vp * st.D) + 4 * st.T
+                 + (4 * st.T * st.D if with_pe else 0))
+    kernel = functools.partial(_fwd_kernel, st=st, with_pe=with_pe, prec=_precision(h.dtype))
+    out_shape = [jax.ShapeDtypeStruct((1, st.T), jnp.float32)]
+    out_specs = [row]
+    scratch = [pltpu.VMEM((st.bt, NUM_LANES), jnp.float32) for _ in range(2)]
+    if with_pe:
+        out_shape.append(jax.ShapeDtypeStruct((st.T, st.D), jnp.float32))
+        out_specs.append(h_spec)
+        scratch.append(pltpu.VMEM((st.bt, st.D), jnp.float32))
+    out = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(st.nt, st.nv),
+        in_specs=[h_spec, pl.BlockSpec((st.bv, st.D), lambda i, j: (j, 0))],
+        out_specs=out_specs, scratch_shapes=scratch,
         compiler_params=_params(), interpret=st.interpret, cost_estimate=cost,
-        name="pythia_fused_ce_fwd",
-    )(h, e, t)
+        name="pythia_fused_ce_fwd_pe" if with_pe else "pythia_fused_ce_fwd",
+    )(h, e)
+    return tuple(out) if with_pe else (out[0], None)
+
+
+def _target_logits(h, e, t):
+    """logits[target] per token, [1, T] float32: one gathered embedding row per token (XLA);
+    bf16 products are exact in float32, so this is the kernel's logit up to summation order."""
+    et = jnp.take(e, t[0], axis=0)
+    return jnp.sum(h.astype(jnp.float32) * et.astype(jnp.float32), axis=1)[None, :]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,19 +378,23 @@ def _de_call(h, e, t, lse, g, st: _Static):
 # custom_vjp wiring (padded operands: h [T, D], e [Vp, D], t [1, T] int32 -> loss [1, T] f32)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(h, e, t, st: _Static):
-    loss, _ = _fwd_call(h, e, t, st)
-    return loss
+    lse, _ = _fwd_call(h, e, st, with_pe=False)
+    return lse - _target_logits(h, e, t)
 
 
 def _fused_fwd(h, e, t, st: _Static):
-    loss, lse = _fwd_call(h, e, t, st)
-    return loss, (h, e, t, lse)
+    lse, pe = _fwd_call(h, e, st, with_pe=st.dh_in_forward)
+    return lse - _target_logits(h, e, t), (h, e, t, lse, pe)
 
 
 def _fused_bwd(st: _Static, res, g):
-    h, e, t, lse = res
+    h, e, t, lse, pe = res
     g = g.astype(jnp.float32)
-    dh = _dh_call(h, e, t, lse, g, st)
+    if pe is None:
+        dh = _dh_call(h, e, t, lse, g, st)
+    else:  # d loss_t / d h_t = softmax_t @ E - E[target_t], computed in the forward
+        et = jnp.take(e, t[0], axis=0).astype(jnp.float32)
+        dh = (g[0][:, None] * (pe - et)).astype(h.dtype)
     de = _de_call(h, e, t, lse, g, st)
     return dh, de, np.zeros(t.shape, jax.dtypes.float0)
 
@@ -359,7 +403,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None,
-                        block_v: int | None = None, reduction: str = "mean", interpret=None):
+                        block_v: int | None = None, reduction: str = "mean", interpret=None,
+                        dh_in_forward: bool = True):
     """Cross-entropy of the logits `hidden @ embed_VD.T` (float32 accumulation) against
     `targets`, without materialising the logits: `reduction="mean"` (a float32 scalar, the mean
     over all tokens, as `train.cross_entropy`) or "none" (float32 per-token losses, targets'
@@ -368,7 +413,12 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
     hidden [..., D] (bf16 or float32; `embed_VD` is cast to its dtype), embed_VD [V, D],
     targets [...] integer ids in [0, V). Blocks default to `default_blocks`; explicit ones
     must be positive multiples of 128; tokens and vocabulary that are not multiples of them are
-    padded. Differentiable in hidden and embed_VD (`jax.custom_vjp`: reverse mode only)."""
+    padded. Differentiable in hidden and embed_VD (`jax.custom_vjp`: reverse mode only).
+
+    `dh_in_forward` (default True): under differentiation the forward kernel also accumulates
+    softmax(logits) @ E (flash-attention style; a [T, D] float32 residual), so dhidden =
+    g (softmax @ E - E[target]) needs no second pass over the vocabulary: 4 + 4 T V D FLOPs in
+    all instead of 2 + 4 + 4 with the separate dhidden kernel (False)."""
     if reduction not in ("mean", "none"):
         raise FusedLossError(f"fused_cross_entropy: reduction must be 'mean' or 'none', got "
                              f"{reduction!r}")
@@ -389,7 +439,7 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
     N = int(np.prod(lead)) if lead else 1
     if N == 0:
         raise FusedLossError("fused_cross_entropy: no tokens")
-    bt_d, bv_d = default_blocks(N, V, D, hidden.dtype)
+    bt_d, bv_d = default_blocks(N, V, D, hidden.dtype, dh_in_forward)
     if block_t is None:
         block_t = bt_d
     else:
@@ -400,7 +450,8 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
         _check_block("block_v", block_v, "V", V)
     bt, bv = int(block_t), int(block_v)
     T, Vp = _round_up(N, bt), _round_up(V, bv)
-    st = _Static(T=T, V=V, Vp=Vp, D=D, bt=bt, bv=bv, interpret=_resolve_interpret(interpret))
+    st = _Static(T=T, V=V, Vp=Vp, D=D, bt=bt, bv=bv, interpret=_resolve_interpret(interpret),
+                 dh_in_forward=bool(dh_in_forward))
 
     h = hidden.reshape(N, D)
     e = embed_VD.astype(hidden.dtype)
