@@ -6,6 +6,8 @@ lowering, VMEM) at a Pythia shape."""
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,3 +253,87 @@ def test_v5e_compile_forward_and_backward_within_vmem():
     # the kernels' CostEstimates: 4 + 4 T Vp D FLOPs (Vp = 50304 padded to the block)
     Vp = -(-V // bv) * bv
     assert float(ca["flops"]) >= 8 * T * Vp * D
+
+
+# ------------------------------------------------------------------------------------------------
+# On a mesh (a subprocess with 4 fake CPU devices): the kernel inside shard_map
+MESH_CASES = {
+    # name: (mesh shape, grad_accum_steps, fused); train.grad_reduce="step" throughout
+    "one_batch": (("plain", (2, 2, 1), 1, False), ("fused", (2, 2, 1), 1, True),
+                  ("fused tensor=2", (2, 1, 2), 1, True)),
+    "per_step_reduce": (("plain", (2, 2, 1), 1, False), ("fused", (2, 2, 1), 2, True)),
+}
+
+
+def _mesh_worker(out_path: str, cases: str) -> None:
+    import json
+
+    import ml_collections
+
+    from pythia_jax.sharding import MESH_AXES, logical_rules
+
+    rows = np.random.RandomState(1).randint(0, 300, (8, 17)).astype(np.int32)
+    res, state = {}, None
+    for name, shape, accum, fused in MESH_CASES[cases]:
+        cfg = _tiny_config(**{"train.fused_loss": fused, "train.grad_reduce": "step",
+                              "train.grad_accum_steps": accum})
+        cfg.mesh.shape = ml_collections.ConfigDict(dict(zip(MESH_AXES, shape)))
+        mesh = train.make_mesh(cfg)
+        _, setup = train.create_train_state(cfg, mesh, init=False)
+        if state is None:
+            state = setup.init_fn()
+        params = jax.device_put(jax.device_get(state.params), setup.state_shardings.params)
+        inputs = jax.device_put(rows[:, :-1], setup.batch_sharding)
+        targets = jax.device_put(rows[:, 1:], setup.batch_sharding)
+
+        def grads(params, setup=setup, mesh=mesh):
+            with logical_rules(mesh):
+                return train._grads(setup, params, inputs, targets)
+
+        with fl.interpret_mode():
+            jaxpr = str(jax.make_jaxpr(grads)(params))
+            if name == "fused tensor=2":  # vocab split over tensor: the plain loss, no kernel
+                res[name] = {"kernel": "pallas_call" in jaxpr}
+                continue
+            loss, g = jax.jit(grads)(params)
+        res[name] = {"kernel": "pallas_call" in jaxpr, "loss": float(loss),
+                     "grads": {k: v.tolist() for k, v in _flat(g).items()}}
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+@pytest.mark.parametrize("cases", sorted(MESH_CASES))
+def test_on_a_mesh_in_shard_map_equals_the_plain_loss(tmp_path, cases):
+    """data=2 x fsdp=2 (4 CPU devices): the fused loss inside shard_map (tokens split over the
+    batch axes, the embedding gathered) equals the plain loss, in one batch ("one_batch") and in
+    2 microbatches whose gradients are reduced once per step ("per_step_reduce": the kernel's
+    shard_map nested in the step's manual one); a mesh that splits the vocabulary (tensor=2)
+    keeps the plain loss."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "mesh.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, "worker", str(out), cases], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["plain"]["kernel"] is False
+    if "fused tensor=2" in res:
+        assert res["fused tensor=2"]["kernel"] is False
+    base, r = res["plain"], res["fused"]
+    assert r["kernel"] is True
+    assert r["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    assert r["grads"].keys() == base["grads"].keys()
+    for k, want in base["grads"].items():
+        want, got = np.asarray(want), np.asarray(r["grads"][k])
+        scale = max(float(np.max(np.abs(want))), 1e-30)
+        assert float(np.max(np.abs(got - want))) <= 1e-5 * scale, k
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
+    _mesh_worker(sys.argv[2], sys.argv[3])
