@@ -133,7 +133,9 @@ class MetricsWriter:
         later steps (logged by the earlier run after its last checkpoint, and about to be
         logged again) are dropped first, so every step appears once.
         wandb_project: also log every scalar to this Weights & Biases project (the `wandb`
-        extra; off when empty; `WANDB_MODE=offline` keeps the run in local files)."""
+        extra; off when empty; `WANDB_MODE=offline` keeps the run in local files). `close()`
+        finishes the run; wandb's service writes its last records after that, and they are on
+        disk once the process exits (or after `wandb.teardown()`)."""
         self.enabled = (jax.process_index() == 0) if enabled is None else enabled
         workdir = os.fspath(workdir)
         self.jsonl_path = paths.join(workdir, jsonl_name)

@@ -215,6 +215,12 @@ def test_wandb_writer_logs_the_training_scalars_offline(tmp_path, monkeypatch):
         w.write(3, {"loss": 0.5}, prefix="eval", console=False)
     finally:
         w.close()
+    # `run.finish()` returns before wandb-core has closed the run's stream (its last step,
+    # `inform_finish`, is fire-and-forget), so the transaction log may still be unflushed here
+    # (CI once read a file with no history records). `teardown` waits for the service to exit,
+    # which closes every stream; a process gets the same from wandb's atexit hook.
+    import wandb
+    wandb.teardown()
     logs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(logs) == 1, os.listdir(tmp_path)
     records = _wandb_records(logs[0])
