@@ -146,12 +146,17 @@ def _kernels(dh_in_forward: bool) -> tuple[str, ...]:
 
 
 def default_blocks(T: int, V: int, D: int, dtype, dh_in_forward: bool = True) -> tuple[int, int]:
-    """(block_t, block_v): DEFAULT_BLOCK_T / DEFAULT_BLOCK_V clipped to the padded sizes, then
-    halved (the larger first, not below 128) until the `vmem_bytes` of every kernel that runs
-    fits VMEM_BUDGET_BYTES."""
+    """(block_t, block_v): DEFAULT_BLOCK_T and DEFAULT_BLOCK_V clipped to the padded sizes (for the
+    vocabulary: the largest multiple of 128 up to DEFAULT_BLOCK_V that divides V, if it is at
+    least half of it, so no padding: 384 for Pythia's 50304 = 131 x 384), then halved (the
+    larger first, not below 128) until the `vmem_bytes` of every kernel that runs fits
+    VMEM_BUDGET_BYTES."""
     isz = jnp.dtype(dtype).itemsize
     bt = min(DEFAULT_BLOCK_T, _round_up(T, BLOCK_MULTIPLE))
     bv = min(DEFAULT_BLOCK_V, _round_up(V, BLOCK_MULTIPLE))
+    divisors = [b for b in range(BLOCK_MULTIPLE, bv + 1, BLOCK_MULTIPLE) if V % b == 0]
+    if divisors and 2 * divisors[-1] >= bv:
+        bv = divisors[-1]
 
     def need(bt, bv):
         used = vmem_bytes(bt, bv, D, isz)
