@@ -12,8 +12,9 @@ E [V, D] (fp32, cast to bf16 as the model does), both ways:
 * plain: `train.cross_entropy(einsum("btd,vd->btv", h, E.astype(bf16),
   preferred_element_type=f32), targets)`: what `model(inputs)` + the loss compute today;
 * fused: `fused_loss.fused_cross_entropy(h, E.astype(bf16), targets)` (default blocks, or each of
-  `--blocks`), with dhidden computed in the forward kernel (the default, `dh_in_forward=True`)
-  and, marked "recompute", by the separate dhidden kernel of the backward.
+  `--blocks`), with dhidden computed in the forward kernel (the default, `dh_in_forward=True`);
+  marked "recompute": by the separate dhidden kernel of the backward; marked "store": with
+  `store_probs=True` (the forward writes bf16 probabilities that the dembed kernel reads).
 
 Printed per variant: FLOPs and bytes from `cost_analysis()`, the compiler's estimated time two
 ways (`pythia_jax.aot.cost_of`): *roofline* = XLA's `optimal_seconds` (per op max(FLOPs / peak,
@@ -57,8 +58,12 @@ def _compile(fn, args):
         return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
 
 
+#: variant tag -> fused_cross_entropy options ("": the defaults)
+OPTIONS = {"": {}, "recompute": {"dh_in_forward": False}, "store": {"store_probs": True}}
+
+
 def measure(size: str, tokens: int, topology: str, blocks=(None,),
-            dh_in_forward=(True, False)) -> dict:
+            options=tuple(OPTIONS)) -> dict:
     preset = get_preset(size)
     D, V = preset.hidden_size, preset.vocab_size
     chip = topology.split(":")[0]
@@ -77,12 +82,10 @@ def measure(size: str, tokens: int, topology: str, blocks=(None,),
     variants = {"plain": plain}
     for blk in blocks:
         bt, bv = blk or fused_loss.default_blocks(tokens, V, D, jnp.bfloat16)
-        for dh_fwd in dh_in_forward:
-            name = f"fused {bt}x{bv}" + ("" if dh_fwd else " recompute")
-            variants[name] = (
-                lambda h, e, t, bt=bt, bv=bv, dh_fwd=dh_fwd: fused_loss.fused_cross_entropy(
-                    h, e.astype(jnp.bfloat16), t, block_t=bt, block_v=bv,
-                    dh_in_forward=dh_fwd))
+        for tag in options:
+            variants[f"fused {bt}x{bv}" + (f" {tag}" if tag else "")] = (
+                lambda h, e, t, bt=bt, bv=bv, kw=OPTIONS[tag]: fused_loss.fused_cross_entropy(
+                    h, e.astype(jnp.bfloat16), t, block_t=bt, block_v=bv, **kw))
     out = {"size": size, "D": D, "V": V, "tokens": tokens, "topology": topology, "variants": {}}
     for name, fn in variants.items():
         compiled = _compile(fn, (h, e, t))
@@ -107,18 +110,20 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=16 * SEQ, help="tokens per microbatch")
     p.add_argument("--topology", default="v5e:2x2")
     p.add_argument("--blocks", default="", help="BTxBV,... (default: fused_loss.default_blocks)")
+    p.add_argument("--variants", default=",".join(OPTIONS),
+                   help="fused variants: " + ", ".join(repr(k) for k in OPTIONS))
     p.add_argument("--json", default="", help="also write the results to this file")
     a = p.parse_args(argv)
     blocks = [tuple(int(x) for x in b.split("x")) for b in a.blocks.split(",") if b] or [None]
     results = []
     for size in a.sizes.split(","):
-        r = measure(size, a.tokens, a.topology, blocks)
+        r = measure(size, a.tokens, a.topology, blocks, tuple(a.variants.split(",")))
         results.append(r)
         print(f"pythia-{size}: {r['tokens']} tokens x D={r['D']} x V={r['V']}, bf16, loss + "
               f"grads (h, E), one {a.topology} chip")
         for name, v in r["variants"].items():
             vm = ", ".join(f"{k.split('.')[0]} {m:.1f}" for k, m in sorted(v["vmem_mib"].items()))
-            print(f"  {name:16s} roofline {v['roofline_s'] * 1e3:8.2f} ms (x{v['roofline_ratio']:.3f})"
+            print(f"  {name:24s} roofline {v['roofline_s'] * 1e3:8.2f} ms (x{v['roofline_ratio']:.3f})"
                   f"  cycles {v['cycles_s'] * 1e3:8.2f} ms (x{v['cycles_ratio']:.3f})"
                   f"  {v['flops'] / 1e12:6.2f} TFLOP  {v['bytes'] / 1e9:6.2f} GB"
                   f"  HBM temp {v['temp_gib']:.2f} GiB" + (f"  VMEM MiB: {vm}" if vm else ""))

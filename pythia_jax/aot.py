@@ -236,7 +236,7 @@ def compile_step(config, devices):
 
 def compile_grads(config, devices):
     """(compiled, seconds): loss and gradients of one batch (no optimizer), as the train step
-    computes them (`train.loss_fn` under the logical rules, fused as `train.fused_loss` says),
+    computes them (`train.loss_fn` under the logical rules, fused as `train.fused_loss*` say),
     for `devices`."""
     mesh = train.make_mesh(config, devices=devices)
     _, setup = train.create_train_state(config, mesh, init=False)
@@ -245,7 +245,7 @@ def compile_grads(config, devices):
 
     def loss_and_grads(params, inputs, targets):
         with shd.logical_rules(mesh):
-            loss = functools.partial(train.loss_fn, fused=setup.fused_loss)
+            loss = functools.partial(train.loss_fn, **train.loss_options(setup))
             return jax.value_and_grad(loss)(params, setup.graphdef, inputs, targets)
 
     fn = jax.jit(loss_and_grads, in_shardings=(p_sh, setup.batch_sharding, setup.batch_sharding),

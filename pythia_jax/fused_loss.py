@@ -138,14 +138,25 @@ def vmem_bytes(block_t: int, block_v: int, D: int, itemsize: int) -> dict:
                    + tile + rows),
         "dh": 2 * (2 * bt + bv) * D * itemsize + bt * D * 4 + tile + 3 * rows,
         "de": 2 * (bt + 2 * bv) * D * itemsize + bv * D * 4 + tile + 3 * rows,
+        # store_probs: the forward also writes a (bt, bv) probability tile and a (1, bt) row
+        # per step; the dembed kernel reads them instead of the embedding tile
+        "fwd_store": 2 * (bt + bv) * D * itemsize + 2 * lanes + tile + 2 * rows
+        + 2 * bt * bv * itemsize,
+        "fwd_pe_store": (2 * (bt + bv) * D * itemsize + 2 * bt * D * 4 + bt * D * 4 + 2 * lanes
+                         + tile + 2 * rows + 2 * bt * bv * itemsize),
+        "de_stored": (2 * (bt + bv) * D * itemsize + 2 * bt * bv * itemsize + bv * D * 4 + tile
+                      + 6 * rows),
     }
 
 
-def _kernels(dh_in_forward: bool) -> tuple[str, ...]:
-    return ("fwd", "fwd_pe", "de") if dh_in_forward else ("fwd", "dh", "de")
+def _kernels(dh_in_forward: bool, store_probs: bool = False) -> tuple[str, ...]:
+    fwd = ("fwd_pe" if dh_in_forward else "fwd") + ("_store" if store_probs else "")
+    return (("fwd", fwd, "de_stored" if store_probs else "de")
+            + (() if dh_in_forward else ("dh",)))
 
 
-def default_blocks(T: int, V: int, D: int, dtype, dh_in_forward: bool = True) -> tuple[int, int]:
+def default_blocks(T: int, V: int, D: int, dtype, dh_in_forward: bool = True,
+                   store_probs: bool = False) -> tuple[int, int]:
     """(block_t, block_v): DEFAULT_BLOCK_T and DEFAULT_BLOCK_V clipped to the padded sizes (for the
     vocabulary: the largest multiple of 128 up to DEFAULT_BLOCK_V that divides V, if it is at
     least half of it, so no padding: 384 for Pythia's 50304 = 131 x 384), then halved (the
@@ -160,7 +171,7 @@ def default_blocks(T: int, V: int, D: int, dtype, dh_in_forward: bool = True) ->
 
     def need(bt, bv):
         used = vmem_bytes(bt, bv, D, isz)
-        return max(used[k] for k in _kernels(dh_in_forward))
+        return max(used[k] for k in _kernels(dh_in_forward, store_probs))
 
     while need(bt, bv) > VMEM_BUDGET_BYTES:
         if bt > BLOCK_MULTIPLE and bt >= bv:
@@ -194,6 +205,7 @@ class _Static:
     bv: int
     interpret: Any
     dh_in_forward: bool = True
+    store_probs: bool = False
 
     @property
     def nt(self) -> int:
@@ -224,11 +236,13 @@ def _cost(flops, transcendentals, bytes_accessed):
 
 # ------------------------------------------------------------------------------------------------
 # Forward: online logsumexp over the vocabulary tiles (and, for the backward, softmax @ E)
-def _fwd_kernel(*refs, st: _Static, with_pe: bool, prec):
-    if with_pe:
-        h_ref, e_ref, lse_ref, pe_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        h_ref, e_ref, lse_ref, m_sc, l_sc = refs
+def _fwd_kernel(*refs, st: _Static, with_pe: bool, store: bool, prec):
+    refs = list(refs)
+    h_ref, e_ref, lse_ref = refs[:3]
+    pe_ref = refs.pop(3) if with_pe else None
+    q_ref, mj_ref = (refs.pop(3), refs.pop(3)) if store else (None, None)
+    m_sc, l_sc = refs[3:5]
+    acc_sc = refs[5] if with_pe else None
     j = pl.program_id(1)
 
     @pl.when(j == 0)
@@ -250,6 +264,9 @@ def _fwd_kernel(*refs, st: _Static, with_pe: bool, prec):
     alpha = jnp.exp(m_prev - m_new)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
+    if store:  # exp(logits - running max) and that max: softmax = q * exp(m_j - lse)
+        q_ref[...] = p.astype(q_ref.dtype)
+        mj_ref[...] = jnp.transpose(m_new)[:1, :]
     if with_pe:  # flash-attention style: E is both the keys and the values
         acc_sc[...] = acc_sc[...] * alpha[:, :1] + lax.dot_general(
             p.astype(e.dtype), e, _NN, preferred_element_type=jnp.float32, precision=prec)
@@ -263,16 +280,20 @@ def _fwd_kernel(*refs, st: _Static, with_pe: bool, prec):
             pe_ref[...] = acc_sc[...] * (1.0 / l)[:, :1]
 
 
-def _fwd_call(h, e, st: _Static, with_pe: bool):
-    """lse [1, T] float32 (and with_pe: softmax(logits) @ E, [T, D] float32)."""
+def _fwd_call(h, e, st: _Static, with_pe: bool, store: bool = False):
+    """(lse [1, T] float32, softmax(logits) @ E [T, D] float32 or None, stored probabilities or
+    None). `store`: also exp(logits - running max) [T, Vp] in h's dtype and the running max of
+    each (vocab tile, token) [nv, 1, T] float32."""
     isz = jnp.dtype(h.dtype).itemsize
     row = pl.BlockSpec((1, st.bt), lambda i, j: (0, i))
     h_spec = pl.BlockSpec((st.bt, st.D), lambda i, j: (i, 0))
     TVD = st.T * st.Vp * st.D
     cost = _cost((4 if with_pe else 2) * TVD, st.T * st.Vp + st.T * st.nv + st.T,
                  isz * (st.T * st.D + st.nt * st.Vp * st.D) + 4 * st.T
-                 + (4 * st.T * st.D if with_pe else 0))
-    kernel = functools.partial(_fwd_kernel, st=st, with_pe=with_pe, prec=_precision(h.dtype))
+                 + (4 * st.T * st.D if with_pe else 0)
+                 + ((isz * st.Vp + 4 * st.nv) * st.T if store else 0))
+    kernel = functools.partial(_fwd_kernel, st=st, with_pe=with_pe, store=store,
+                               prec=_precision(h.dtype))
     out_shape = [jax.ShapeDtypeStruct((1, st.T), jnp.float32)]
     out_specs = [row]
     scratch = [pltpu.VMEM((st.bt, NUM_LANES), jnp.float32) for _ in range(2)]
@@ -280,14 +301,23 @@ def _fwd_call(h, e, st: _Static, with_pe: bool):
         out_shape.append(jax.ShapeDtypeStruct((st.T, st.D), jnp.float32))
         out_specs.append(h_spec)
         scratch.append(pltpu.VMEM((st.bt, st.D), jnp.float32))
+    if store:
+        out_shape += [jax.ShapeDtypeStruct((st.T, st.Vp), h.dtype),
+                      jax.ShapeDtypeStruct((st.nv, 1, st.T), jnp.float32)]
+        out_specs += [pl.BlockSpec((st.bt, st.bv), lambda i, j: (i, j)),
+                      pl.BlockSpec((pl.squeezed, 1, st.bt), lambda i, j: (j, 0, i))]
+    name = "pythia_fused_ce_fwd" + ("_pe" if with_pe else "") + ("_store" if store else "")
     out = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(st.nt, st.nv),
         in_specs=[h_spec, pl.BlockSpec((st.bv, st.D), lambda i, j: (j, 0))],
         out_specs=out_specs, scratch_shapes=scratch,
-        compiler_params=_params(), interpret=st.interpret, cost_estimate=cost,
-        name="pythia_fused_ce_fwd_pe" if with_pe else "pythia_fused_ce_fwd",
+        compiler_params=_params(), interpret=st.interpret, cost_estimate=cost, name=name,
     )(h, e)
-    return tuple(out) if with_pe else (out[0], None)
+    out = list(out)
+    lse = out.pop(0)
+    pe = out.pop(0) if with_pe else None
+    stored = (out[0], out[1]) if store else None
+    return lse, pe, stored
 
 
 def _target_logits(h, e, t):
@@ -380,27 +410,77 @@ def _de_call(h, e, t, lse, g, st: _Static):
 
 
 # ------------------------------------------------------------------------------------------------
+# Backward: dembed from the stored probabilities (resident vocab tile, walks the tokens)
+def _de_stored_kernel(h_ref, q_ref, mj_ref, lse_ref, g_ref, t_ref, pt_ref, de_ref, acc_sc, *,
+                      st: _Static, prec):
+    j, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _init():
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    h = h_ref[...]
+    scale = jnp.exp(_column(mj_ref) - _column(lse_ref))  # (bt, 1)
+    p = q_ref[...].astype(jnp.float32) * scale  # (bt, bv) softmax
+    col = j * st.bv + lax.broadcasted_iota(jnp.int32, p.shape, 1)
+    # the target's entry exactly (p_t - 1 from the float32 target logit), not from q's rounding
+    ds = _column(g_ref) * jnp.where(col.astype(jnp.float32) == _column(t_ref),
+                                    _column(pt_ref) - 1.0, p)
+    acc_sc[...] += lax.dot_general(ds.astype(h.dtype), h, (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32, precision=prec)
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _finish():
+        de_ref[...] = acc_sc[...].astype(de_ref.dtype)
+
+
+def _de_stored_call(h, e, t, lse, g, stored, pt, st: _Static):
+    q, mj = stored
+    isz = jnp.dtype(h.dtype).itemsize
+    row = pl.BlockSpec((1, st.bt), lambda j, i: (0, i))
+    e_spec = pl.BlockSpec((st.bv, st.D), lambda j, i: (j, 0))
+    cost = _cost(2 * st.T * st.Vp * st.D, st.T * st.nv,
+                 isz * (st.T * st.Vp + st.Vp * st.D + st.nv * st.T * st.D)
+                 + 20 * st.T * st.nv)
+    kernel = functools.partial(_de_stored_kernel, st=st, prec=_precision(h.dtype))
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(e.shape, e.dtype), grid=(st.nv, st.nt),
+        in_specs=[pl.BlockSpec((st.bt, st.D), lambda j, i: (i, 0)),
+                  pl.BlockSpec((st.bt, st.bv), lambda j, i: (i, j)),
+                  pl.BlockSpec((pl.squeezed, 1, st.bt), lambda j, i: (j, 0, i)),
+                  row, row, row, row],
+        out_specs=e_spec, scratch_shapes=[pltpu.VMEM((st.bv, st.D), jnp.float32)],
+        compiler_params=_params(), interpret=st.interpret, cost_estimate=cost,
+        name="pythia_fused_ce_de_stored",
+    )(h, q, mj, lse, g, t, pt)
+
+
+# ------------------------------------------------------------------------------------------------
 # custom_vjp wiring (padded operands: h [T, D], e [Vp, D], t [1, T] int32 -> loss [1, T] f32)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(h, e, t, st: _Static):
-    lse, _ = _fwd_call(h, e, st, with_pe=False)
+    lse, _, _ = _fwd_call(h, e, st, with_pe=False)
     return lse - _target_logits(h, e, t)
 
 
 def _fused_fwd(h, e, t, st: _Static):
-    lse, pe = _fwd_call(h, e, st, with_pe=st.dh_in_forward)
-    return lse - _target_logits(h, e, t), (h, e, t, lse, pe)
+    lse, pe, stored = _fwd_call(h, e, st, with_pe=st.dh_in_forward, store=st.store_probs)
+    tgt = _target_logits(h, e, t)
+    return lse - tgt, (h, e, t, lse, pe, stored, tgt)
 
 
 def _fused_bwd(st: _Static, res, g):
-    h, e, t, lse, pe = res
+    h, e, t, lse, pe, stored, tgt = res
     g = g.astype(jnp.float32)
     if pe is None:
         dh = _dh_call(h, e, t, lse, g, st)
     else:  # d loss_t / d h_t = softmax_t @ E - E[target_t], computed in the forward
         et = jnp.take(e, t[0], axis=0).astype(jnp.float32)
         dh = (g[0][:, None] * (pe - et)).astype(h.dtype)
-    de = _de_call(h, e, t, lse, g, st)
+    if stored is None:
+        de = _de_call(h, e, t, lse, g, st)
+    else:
+        de = _de_stored_call(h, e, t, lse, g, stored, jnp.exp(tgt - lse), st)
     return dh, de, np.zeros(t.shape, jax.dtypes.float0)
 
 
@@ -409,7 +489,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None,
                         block_v: int | None = None, reduction: str = "mean", interpret=None,
-                        dh_in_forward: bool = True):
+                        dh_in_forward: bool = True, store_probs: bool = False):
     """Cross-entropy of the logits `hidden @ embed_VD.T` (float32 accumulation) against
     `targets`, without materialising the logits: `reduction="mean"` (a float32 scalar, the mean
     over all tokens, as `train.cross_entropy`) or "none" (float32 per-token losses, targets'
@@ -423,7 +503,13 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
     `dh_in_forward` (default True): under differentiation the forward kernel also accumulates
     softmax(logits) @ E (flash-attention style; a [T, D] float32 residual), so dhidden =
     g (softmax @ E - E[target]) needs no second pass over the vocabulary: 4 + 4 T V D FLOPs in
-    all instead of 2 + 4 + 4 with the separate dhidden kernel (False)."""
+    all instead of 2 + 4 + 4 with the separate dhidden kernel (False).
+
+    `store_probs` (default False): the forward also writes exp(logits - running max) in the
+    inputs' dtype ([T, V]: half the plain path's fp32 logits for bf16) with the running max per
+    vocabulary tile, and the dembed kernel reads them instead of recomputing the logits
+    (4 + 2 T V D FLOPs, the plain path's 6; the target's entry is taken exactly from the
+    float32 target logit)."""
     if reduction not in ("mean", "none"):
         raise FusedLossError(f"fused_cross_entropy: reduction must be 'mean' or 'none', got "
                              f"{reduction!r}")
@@ -444,7 +530,7 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
     N = int(np.prod(lead)) if lead else 1
     if N == 0:
         raise FusedLossError("fused_cross_entropy: no tokens")
-    bt_d, bv_d = default_blocks(N, V, D, hidden.dtype, dh_in_forward)
+    bt_d, bv_d = default_blocks(N, V, D, hidden.dtype, dh_in_forward, store_probs)
     if block_t is None:
         block_t = bt_d
     else:
@@ -456,7 +542,7 @@ def fused_cross_entropy(hidden, embed_VD, targets, *, block_t: int | None = None
     bt, bv = int(block_t), int(block_v)
     T, Vp = _round_up(N, bt), _round_up(V, bv)
     st = _Static(T=T, V=V, Vp=Vp, D=D, bt=bt, bv=bv, interpret=_resolve_interpret(interpret),
-                 dh_in_forward=bool(dh_in_forward))
+                 dh_in_forward=bool(dh_in_forward), store_probs=bool(store_probs))
 
     h = hidden.reshape(N, D)
     e = embed_VD.astype(hidden.dtype)

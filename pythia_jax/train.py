@@ -111,6 +111,7 @@ class TrainSetup:
     grad_accum: int
     grad_reduce: str = "microbatch"     # "step" / "microbatch": `resolve_grad_reduce`
     fused_loss: bool = False            # `train.fused_loss`: see `loss_fn`
+    fused_loss_store_probs: bool = False  # `train.fused_loss_store_probs`: see `loss_fn`
     init_fn: Callable | None = None     # jitted, creates the state directly sharded
     key: tuple = dataclasses.field(default=(), repr=False, compare=False)  # `_setup_key`
     _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -155,9 +156,10 @@ def validate_config(config) -> ModelConfig:
     if _grad_reduce_field(config) not in GRAD_REDUCE:
         raise TrainConfigError(f"config.train.grad_reduce: expected one of {GRAD_REDUCE}, got "
                                f"{_grad_reduce_field(config)!r}")
-    if not isinstance(_fused_loss_field(config), bool):
-        raise TrainConfigError(f"config.train.fused_loss: expected True or False, got "
-                               f"{_fused_loss_field(config)!r}")
+    for field in ("fused_loss", "fused_loss_store_probs"):
+        if not isinstance(config.train.get(field, False), bool):
+            raise TrainConfigError(f"config.train.{field}: expected True or False, got "
+                                   f"{config.train.get(field)!r}")
     _positive_int(config, "optim.decay_steps")
     _positive_int(config, "optim.warmup_steps", allow_zero=True)
     _positive_int(config, "checkpoint.every", allow_zero=True)
@@ -253,7 +255,8 @@ def cross_entropy(logits_BTV, targets_BT):
     return jnp.mean(logz - tgt)
 
 
-def loss_fn(params, graphdef, inputs_BT, targets_BT, fused: bool = False):
+def loss_fn(params, graphdef, inputs_BT, targets_BT, fused: bool = False,
+            store_probs: bool = False):
     """Mean token cross-entropy of the model on a batch.
 
     `fused` (`train.fused_loss`): where the fused output-layer + cross-entropy kernel can run
@@ -261,13 +264,15 @@ def loss_fn(params, graphdef, inputs_BT, targets_BT, fused: bool = False):
     the model returns its final hidden states and `fused_loss.sharded_cross_entropy` computes
     the loss from them and `embed_out` (cast to the compute dtype, as the model's einsum does)
     without materialising the fp32 logits; elsewhere (CPU, GPU, a vocab-splitting mesh) the
-    plain loss."""
+    plain loss. `store_probs` (`train.fused_loss_store_probs`): the kernel's `store_probs`
+    (bf16 probabilities kept for the backward instead of recomputing the logits)."""
     model = nnx.merge(graphdef, params)
     if fused and fused_loss_lib.kernel_available():
         cdt = jnp.dtype(model.config.dtype)
         hidden = model(inputs_BT, return_hidden=True)
         loss = fused_loss_lib.sharded_cross_entropy(
-            hidden, model.embed_out.embedding[...].astype(cdt), targets_BT)
+            hidden, model.embed_out.embedding[...].astype(cdt), targets_BT,
+            store_probs=store_probs)
         if loss is not None:
             return loss
         return cross_entropy(jnp.einsum("btd,vd->btv", hidden,
@@ -306,6 +311,11 @@ def _fused_loss_field(config):
     return config.train.get("fused_loss", False)
 
 
+def loss_options(setup: TrainSetup) -> dict:
+    """The keyword arguments of `loss_fn` for this setup (`train.fused_loss*`)."""
+    return {"fused": setup.fused_loss, "store_probs": setup.fused_loss_store_probs}
+
+
 def _grads(setup: TrainSetup, params, inputs, targets, reduce: str | None = None):
     """(loss, grads) of the whole global batch, accumulated over `setup.grad_accum` pieces;
     `reduce` ("step" / "microbatch", default the setup's): where the gradients are reduced
@@ -313,7 +323,7 @@ def _grads(setup: TrainSetup, params, inputs, targets, reduce: str | None = None
     gradients once, overlapped with the backward pass, either way."""
     A = setup.grad_accum
     reduce = setup.grad_reduce if reduce is None else reduce
-    vg = jax.value_and_grad(functools.partial(loss_fn, fused=setup.fused_loss))
+    vg = jax.value_and_grad(functools.partial(loss_fn, **loss_options(setup)))
     if A == 1:
         return vg(params, setup.graphdef, inputs, targets)
     if reduce == "step":
@@ -366,7 +376,7 @@ def _grads_reduced_per_step(setup: TrainSetup, params, inputs, targets):
     shards = _batch_shards(mesh)
     specs = jax.tree.map(lambda s: _manual_part(s.spec, manual), setup.state_shardings.params)
     batch_spec = P(manual, None)
-    vg = jax.value_and_grad(functools.partial(loss_fn, fused=setup.fused_loss))
+    vg = jax.value_and_grad(functools.partial(loss_fn, **loss_options(setup)))
 
     def axes_of(spec):  # (dim, batch axis) pairs this parameter is split on
         out = []
@@ -451,7 +461,7 @@ def make_eval_step(setup: TrainSetup):
     def eval_step(params, batch):
         with shd.logical_rules(setup.mesh):
             return loss_fn(params, setup.graphdef, batch["inputs"], batch["targets"],
-                           fused=setup.fused_loss)
+                           **loss_options(setup))
 
     if "eval_step" not in setup._jitted:
         batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
@@ -468,7 +478,8 @@ def _setup_key(config, mesh: Mesh, mcfg: ModelConfig):
     t = config.train
     return (mcfg, json.dumps(optim_cfg, sort_keys=True, default=str), int(t.seed), mesh,
             int(t.batch_size), int(t.grad_accum_steps), int(t.microbatch_per_device),
-            _grad_reduce_field(config), _fused_loss_field(config))
+            _grad_reduce_field(config), _fused_loss_field(config),
+            config.train.get("fused_loss_store_probs", False))
 
 
 def create_train_state(config, mesh: Mesh, *, init: bool = True,
@@ -517,6 +528,7 @@ def _build_setup(config, mesh: Mesh, mcfg: ModelConfig, key) -> TrainSetup:
         grad_accum=grad_accum_steps(config, mesh),
         grad_reduce=resolve_grad_reduce(_grad_reduce_field(config), mesh),
         fused_loss=_fused_loss_field(config),
+        fused_loss_store_probs=config.train.get("fused_loss_store_probs", False),
         init_fn=jax.jit(init_fn, out_shardings=state_sh), key=key)
 
 

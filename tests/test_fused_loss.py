@@ -42,18 +42,19 @@ def _rel_err(x, y):
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
 
 
-@pytest.mark.parametrize("T,V,D,bt,bv,dh_in_forward", [
-    (256, 512, 64, 128, 128, True),    # multiples of the blocks: 2 token x 4 vocab tiles
-    (300, 1000, 64, 128, 256, True),   # neither: tokens padded to 384, vocab to 1024
-    (300, 1000, 64, 128, 256, False),  # the separate dhidden kernel
-])
-def test_fp32_values_and_gradients_match_the_plain_loss(T, V, D, bt, bv, dh_in_forward):
+@pytest.mark.parametrize("T,V,D,bt,bv,options", [
+    (256, 512, 64, 128, 128, {}),    # multiples of the blocks: 2 token x 4 vocab tiles
+    (300, 1000, 64, 128, 256, {}),   # neither: tokens padded to 384, vocab to 1024
+    (300, 1000, 64, 128, 256, {"dh_in_forward": False}),  # the separate dhidden kernel
+    (300, 1000, 64, 128, 256, {"store_probs": True}),     # dembed from stored probabilities
+    (300, 1000, 64, 128, 256, {"store_probs": True, "dh_in_forward": False}),
+], ids=["divisible", "padded", "recompute", "store", "store_recompute"])
+def test_fp32_values_and_gradients_match_the_plain_loss(T, V, D, bt, bv, options):
     h, e, t = _inputs(T, V, D)
     want, (dh_want, de_want) = _value_and_grads(
         lambda h, e: _plain(h, e, t, precision="highest"), h, e)
     got, (dh, de) = _value_and_grads(
-        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=bt, block_v=bv,
-                                            dh_in_forward=dh_in_forward), h, e)
+        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=bt, block_v=bv, **options), h, e)
     loss_only = jax.jit(lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=bt, block_v=bv))
     assert float(loss_only(h, e)) == pytest.approx(float(want), rel=1e-5)  # no-grad kernel
     assert got.dtype == jnp.float32 and dh.dtype == h.dtype and de.dtype == e.dtype
@@ -90,17 +91,22 @@ def test_per_token_losses_with_leading_dims_and_a_weighted_cotangent():
     assert float(jnp.max(jnp.abs(got[0][0, :10]))) == 0.0  # zero weight: zero dhidden
 
 
-def test_bf16_error_is_that_of_the_plain_bf16_loss():
+@pytest.mark.parametrize("store_probs", [False, True], ids=["recompute_logits", "store_probs"])
+def test_bf16_error_is_that_of_the_plain_bf16_loss(store_probs):
     """bf16 inputs, fp32 accumulation: the kernel's error against an fp32 reference (on the same
-    bf16-rounded inputs) is within 2x the plain bf16 path's own error, plus a small floor."""
+    bf16-rounded inputs) is within 2x the plain bf16 path's own error, plus a small floor; also
+    with the probabilities stored in bf16 for the backward. Some tokens are made confident
+    (p_target near 1, where dlogits = p - onehot cancels)."""
     T, V, D = 256, 768, 128
     h, e, t = _inputs(T, V, D, dtype=jnp.bfloat16, seed=2)
+    e = e.at[t[:64]].add(0.5 * h[:64].astype(jnp.float32).astype(e.dtype))  # confident rows
     ref, (dh_ref, de_ref) = _value_and_grads(
         lambda h, e: _plain(h, e, t, precision="highest"),
         h.astype(jnp.float32), e.astype(jnp.float32))
     plain, (dh_p, de_p) = _value_and_grads(lambda h, e: _plain(h, e, t), h, e)
     got, (dh, de) = _value_and_grads(
-        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=128, block_v=256), h, e)
+        lambda h, e: fl.fused_cross_entropy(h, e, t, block_t=128, block_v=256,
+                                            store_probs=store_probs), h, e)
     assert dh.dtype == jnp.bfloat16 and de.dtype == jnp.bfloat16
     assert abs(float(got) - float(ref)) <= 2 * abs(float(plain) - float(ref)) + 1e-3
     for g, gp, gr in ((dh, dh_p, dh_ref), (de, de_p, de_ref)):
@@ -138,8 +144,11 @@ def test_bad_shapes_raise_clear_errors():
                                      (1024, jnp.bfloat16), (2048, jnp.bfloat16),
                                      (512, jnp.float32), (1024, jnp.float32)])
 def test_default_blocks_fit_the_vmem_budget(D, dtype):
-    for dh_in_forward, kernels in ((True, ("fwd", "fwd_pe", "de")), (False, ("fwd", "dh", "de"))):
-        bt, bv = fl.default_blocks(16 * 2048, 50304, D, dtype, dh_in_forward)
+    for dh_in_forward, store, kernels in (
+            (True, False, ("fwd", "fwd_pe", "de")), (False, False, ("fwd", "dh", "de")),
+            (True, True, ("fwd", "fwd_pe_store", "de_stored")),
+            (False, True, ("fwd", "fwd_store", "dh", "de_stored"))):
+        bt, bv = fl.default_blocks(16 * 2048, 50304, D, dtype, dh_in_forward, store)
         assert bt % 128 == 0 and bv % 128 == 0 and bt >= 128 and bv >= 128
         used = fl.vmem_bytes(bt, bv, D, jnp.dtype(dtype).itemsize)
         assert max(used[k] for k in kernels) <= fl.VMEM_BUDGET_BYTES, used
@@ -209,19 +218,21 @@ def test_train_step_with_fused_loss_equals_the_plain_step():
         assert float(np.max(np.abs(g1[k] - g0[k]))) <= 1e-5 * scale, k
 
 
-def test_fused_loss_field_is_validated():
+@pytest.mark.parametrize("field", ["fused_loss", "fused_loss_store_probs"])
+def test_fused_loss_fields_are_validated(field):
     cfg = _tiny_config()
-    del cfg.train["fused_loss"]
-    cfg.train.fused_loss = "yes"
-    with pytest.raises(train.TrainConfigError, match="train.fused_loss"):
+    del cfg.train[field]
+    cfg.train[field] = "yes"
+    with pytest.raises(train.TrainConfigError, match=f"train.{field}:"):
         train.create_train_state(cfg, train.make_mesh(cfg), init=False)
     from pythia_jax.configs import pythia
-    assert pythia.get_config("70m").train.fused_loss is False
+    assert pythia.get_config("70m").train[field] is False
 
 
 # ------------------------------------------------------------------------------------------------
 # Deviceless TPU compile (libtpu): the Mosaic lowering and VMEM at a Pythia-70m shape
-def test_v5e_compile_forward_and_backward_within_vmem():
+@pytest.mark.parametrize("store_probs", [False, True], ids=["recompute_logits", "store_probs"])
+def test_v5e_compile_forward_and_backward_within_vmem(store_probs):
     from pythia_jax.attention.target import target_platform
     from pythia_jax.attention.tpu_compile import _kernel_vmem, libtpu_error, topology_desc
 
@@ -234,25 +245,29 @@ def test_v5e_compile_forward_and_backward_within_vmem():
     h = jax.ShapeDtypeStruct((T, D), jnp.bfloat16, sharding=sh)
     e = jax.ShapeDtypeStruct((V, D), jnp.bfloat16, sharding=sh)
     t = jax.ShapeDtypeStruct((T,), jnp.int32, sharding=sh)
-    fn = jax.value_and_grad(lambda h, e, t: fl.fused_cross_entropy(h, e, t), argnums=(0, 1))
+    fn = jax.value_and_grad(lambda h, e, t: fl.fused_cross_entropy(h, e, t,
+                                                                   store_probs=store_probs),
+                            argnums=(0, 1))
     with target_platform("tpu"):
         compiled = jax.jit(fn).lower(h, e, t).compile()
     vmem = _kernel_vmem(compiled.as_text())
     names = " ".join(vmem)
-    for kernel in ("fwd_pe", "de"):  # the forward with softmax @ E, the dembed kernel
-        assert f"pythia_fused_ce_{kernel}" in names, (kernel, names)
+    # the forward with softmax @ E, the dembed kernel (each with its stored-probability form)
+    kernels = ("fwd_pe_store", "de_stored") if store_probs else ("fwd_pe", "de")
+    for kernel in kernels:
+        assert f"pythia_fused_ce_{kernel}_" in names, (kernel, names)
     assert len(vmem) == 2, names
-    bt, bv = fl.default_blocks(T, V, D, jnp.bfloat16)
+    bt, bv = fl.default_blocks(T, V, D, jnp.bfloat16, store_probs=store_probs)
     estimate = fl.vmem_bytes(bt, bv, D, 2)
     for name, used in vmem.items():
         assert 0 < used <= 16 * 2**20, (name, used)
-        kernel = "fwd_pe" if "fwd_pe" in name else "de"
+        kernel = kernels[0] if "fwd" in name else kernels[1]
         assert used <= estimate[kernel], (name, used, estimate)  # the estimate is an upper bound
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    # the kernels' CostEstimates: 4 + 4 T Vp D FLOPs (Vp = 50304 padded to the block)
+    # the kernels' CostEstimates: 4 + 4 (stored: 4 + 2) T Vp D FLOPs, Vp = V padded to the block
     Vp = -(-V // bv) * bv
-    assert float(ca["flops"]) >= 8 * T * Vp * D
+    assert float(ca["flops"]) >= (6 if store_probs else 8) * T * Vp * D
 
 
 def test_a_mesh_that_splits_the_vocabulary_keeps_the_plain_loss(caplog):

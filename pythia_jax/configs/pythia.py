@@ -118,6 +118,10 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     # is traced for TPU (elsewhere, and on meshes with tensor > 1, the plain loss). Off by
     # default: bench/RESULTS.md "Fused output layer + cross-entropy" has the estimates.
     c.train.fused_loss = False
+    # With fused_loss: the forward keeps bf16 probabilities ([tokens, vocab], half the plain
+    # path's fp32 logits) for the backward instead of recomputing the logits there (the plain
+    # path's FLOPs instead of 4/3 of them).
+    c.train.fused_loss_store_probs = False
     c.train.seed = 1234                   # NeoX default seed
     c.train.log_every = 10                # log-interval
     c.train.progress_bar = True
