@@ -64,7 +64,8 @@ def test_fp32_values_and_gradients_match_the_plain_loss(T, V, D, bt, bv, options
     assert _rel_err(de, de_want) < 1e-5
 
 
-def test_per_token_losses_with_leading_dims_and_a_weighted_cotangent():
+@pytest.mark.parametrize("store_probs", [False, True], ids=["recompute_logits", "store_probs"])
+def test_per_token_losses_with_leading_dims_and_a_weighted_cotangent(store_probs):
     """reduction="none" keeps targets' shape; a non-uniform per-token cotangent (weights) reaches
     both gradients as in the plain loss (the kernels scale each token's row by its own g)."""
     B, T, V, D = 2, 96, 640, 32
@@ -79,7 +80,8 @@ def test_per_token_losses_with_leading_dims_and_a_weighted_cotangent():
         return lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
 
     def fused_tok(h, e):
-        return fl.fused_cross_entropy(h, e, t, block_t=128, block_v=128, reduction="none")
+        return fl.fused_cross_entropy(h, e, t, block_t=128, block_v=128, reduction="none",
+                                      store_probs=store_probs)
 
     per_tok = jax.jit(fused_tok)(h, e)
     assert per_tok.shape == (B, T) and per_tok.dtype == jnp.float32
