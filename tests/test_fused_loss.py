@@ -233,8 +233,10 @@ def test_fused_loss_fields_are_validated(field):
 
 # ------------------------------------------------------------------------------------------------
 # Deviceless TPU compile (libtpu): the Mosaic lowering and VMEM at a Pythia-70m shape
-@pytest.mark.parametrize("store_probs", [False, True], ids=["recompute_logits", "store_probs"])
-def test_v5e_compile_forward_and_backward_within_vmem(store_probs):
+@pytest.mark.parametrize("store_probs,dtype", [(False, jnp.bfloat16), (True, jnp.bfloat16),
+                                               (False, jnp.float32), (True, jnp.float32)],
+                         ids=["bf16", "bf16_store_probs", "fp32", "fp32_store_probs"])
+def test_v5e_compile_forward_and_backward_within_vmem(store_probs, dtype):
     from pythia_jax.attention.target import target_platform
     from pythia_jax.attention.tpu_compile import _kernel_vmem, libtpu_error, topology_desc
 
@@ -244,8 +246,8 @@ def test_v5e_compile_forward_and_backward_within_vmem(store_probs):
     dev = topology_desc("v5e:1x1").devices[0]
     sh = jax.sharding.SingleDeviceSharding(dev)
     T, V, D = 2048, 50304, 512
-    h = jax.ShapeDtypeStruct((T, D), jnp.bfloat16, sharding=sh)
-    e = jax.ShapeDtypeStruct((V, D), jnp.bfloat16, sharding=sh)
+    h = jax.ShapeDtypeStruct((T, D), dtype, sharding=sh)
+    e = jax.ShapeDtypeStruct((V, D), dtype, sharding=sh)
     t = jax.ShapeDtypeStruct((T,), jnp.int32, sharding=sh)
     fn = jax.value_and_grad(lambda h, e, t: fl.fused_cross_entropy(h, e, t,
                                                                    store_probs=store_probs),
@@ -259,8 +261,8 @@ def test_v5e_compile_forward_and_backward_within_vmem(store_probs):
     for kernel in kernels:
         assert f"pythia_fused_ce_{kernel}_" in names, (kernel, names)
     assert len(vmem) == 2, names
-    bt, bv = fl.default_blocks(T, V, D, jnp.bfloat16, store_probs=store_probs)
-    estimate = fl.vmem_bytes(bt, bv, D, 2)
+    bt, bv = fl.default_blocks(T, V, D, dtype, store_probs=store_probs)
+    estimate = fl.vmem_bytes(bt, bv, D, jnp.dtype(dtype).itemsize)
     for name, used in vmem.items():
         assert 0 < used <= 16 * 2**20, (name, used)
         kernel = kernels[0] if "fwd" in name else kernels[1]
