@@ -123,8 +123,9 @@ def main(argv=None) -> None:
               f"grads (h, E), one {a.topology} chip")
         for name, v in r["variants"].items():
             vm = ", ".join(f"{k.split('.')[0]} {m:.1f}" for k, m in sorted(v["vmem_mib"].items()))
-            print(f"  {name:24s} roofline {v['roofline_s'] * 1e3:8.2f} ms (x{v['roofline_ratio']:.3f})"
-                  f"  cycles {v['cycles_s'] * 1e3:8.2f} ms (x{v['cycles_ratio']:.3f})"
+            print(f"  {name:24s} roofline {v['roofline_s'] * 1e3:8.2f} ms "
+                  f"(x{v['roofline_ratio']:.3f})  cycles {v['cycles_s'] * 1e3:8.2f} ms "
+                  f"(x{v['cycles_ratio']:.3f})"
                   f"  {v['flops'] / 1e12:6.2f} TFLOP  {v['bytes'] / 1e9:6.2f} GB"
                   f"  HBM temp {v['temp_gib']:.2f} GiB" + (f"  VMEM MiB: {vm}" if vm else ""))
         sys.stdout.flush()

@@ -1,4 +1,4 @@
-"""The output layer fused with the cross-entropy: a Pallas TPU (Mosaic) kernel, forward and backward.
+"""The output layer fused with the cross-entropy: Pallas TPU (Mosaic) kernels, forward, backward.
 
     loss = fused_cross_entropy(hidden_TD, embed_VD, targets_T)        # mean over tokens
     per_token = fused_cross_entropy(..., reduction="none")
