@@ -8,23 +8,30 @@ targets)` without ever writing the [tokens, vocab] float32 logits to HBM (6.6 GB
 16 x 2048-token microbatch at Pythia's padded vocabulary of 50304).
 
 Algorithm (tiles of `block_t` tokens x `block_v` vocabulary rows; matmuls on the MXU in the
-inputs' dtype with float32 accumulation, everything elementwise in float32):
+inputs' dtype with float32 accumulation, everything elementwise in float32). The target's logit
+is one gathered embedding row per token, dotted with its hidden state in XLA (T x D work).
 
 * Forward, grid (token tiles, vocab tiles): the hidden tile stays resident while the last
   ("arbitrary") grid axis walks the vocabulary. Each step computes the logits tile
   h @ E_tile^T (bt, bv) in VMEM and folds it into an online logsumexp (running max m and sum l,
-  lane-replicated (bt, 128) float32 scratch, as in our flash attention) and picks the target's
-  logit where it falls in the tile. The last vocab step writes lse = m + log(l) and the
-  per-token loss lse - logit[target] as (1, bt) rows of [1, T] float32 arrays.
-* Backward (`jax.custom_vjp`; residuals: hidden, embed, targets, lse). With g the per-token
-  cotangent and P = exp(logits - lse) recomputed per tile, dlogits = g (P - onehot(target)):
-  - dhidden kernel, grid (token tiles, vocab tiles): dh += dlogits_tile @ E_tile, the (bt, D)
-    float32 accumulator resident across the vocab walk;
+  lane-replicated (bt, 128) float32 scratch, as in our flash attention). The last vocab step
+  writes lse = m + log(l) as a (1, bt) row of a [1, T] float32 array. Under differentiation
+  (`dh_in_forward`, the default) the same walk accumulates softmax @ E flash style (E is keys
+  and values: acc = acc * exp(m_old - m_new) + exp(s - m_new) @ E_tile), so that
+  dhidden_t = g_t (softmax_t @ E - E[target_t]) needs no second pass over the vocabulary.
+* Backward (`jax.custom_vjp`; residuals: hidden, embed, targets, lse, softmax @ E). With g the
+  per-token cotangent and P = exp(logits - lse), dlogits = g (P - onehot(target)):
   - dembed kernel, grid (vocab tiles, token tiles): dE += dlogits_tile^T @ h_tile on transposed
-    (bv, bt) tiles (E_tile @ h_tile^T), so the lse, g and target rows broadcast along sublanes;
-    the (bv, D) float32 accumulator is resident across the token walk.
-  The backward thus recomputes the logits twice: 2 + 4 + 4 = 10 T V D FLOPs against XLA's 6 for
-  the plain einsum + cross-entropy (which instead writes and re-reads [T, V] float32 arrays).
+    (bv, bt) tiles (E_tile @ h_tile^T recomputed), so the lse, g and target rows broadcast along
+    sublanes; the (bv, D) float32 accumulator is resident across the token walk;
+  - `dh_in_forward=False`: a dhidden kernel, grid (token tiles, vocab tiles), dh += dlogits_tile
+    @ E_tile with the logits recomputed once more, instead of the forward's softmax @ E.
+  FLOPs: 4 + 4 T V D (2 + 4 + 4 with the dhidden kernel) against XLA's 6 for the plain einsum +
+  cross-entropy, which instead writes and re-reads [T, V] float32 arrays.
+* `store_probs=True`: the forward also writes exp(logits - running max) [T, V] in the inputs'
+  dtype and the running max of each vocab tile; the dembed kernel reads them (softmax =
+  stored * exp(m_j - lse); the target's entry from the float32 target logit) instead of
+  recomputing the logits: 4 + 2 T V D FLOPs, a [T, V] bf16 residual.
 * Sizes: tokens and vocabulary are zero-padded to multiples of the blocks (padded vocabulary
   columns are masked to a finite -0.7 * f32max before the logsumexp, padded tokens get a zero
   cotangent); the blocks must be positive multiples of 128 (the (8, 128) tile rule: tokens are
