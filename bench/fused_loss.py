@@ -90,12 +90,13 @@ def measure(size: str, tokens: int, topology: str, blocks=(None,),
     for name, fn in variants.items():
         compiled = _compile(fn, (h, e, t))
         c = aot.cost_of(compiled, chip)
+        text = aot._hlo_text(compiled)  # None where jaxlib cannot read libtpu's HLO (v6e, v5p)
         mem = compiled.memory_analysis()
         out["variants"][name] = {
             "flops": c["flops"], "bytes": c["bytes"], "roofline_s": c["seconds"],
             "cycles_s": c["cycle_seconds"], "kernel_s": c.get("kernel_seconds"),
             "temp_gib": mem.temp_size_in_bytes / 2**30,
-            "vmem_mib": {k: v / 2**20 for k, v in _kernel_vmem(compiled.as_text()).items()},
+            "vmem_mib": {k: v / 2**20 for k, v in _kernel_vmem(text).items()} if text else {},
             "unpriced_kernels": c.get("unpriced_kernels")}
     base = out["variants"]["plain"]
     for v in out["variants"].values():
