@@ -50,7 +50,7 @@ __all__ = ["save_model", "load_model", "CONFIG_NAME", "PARAMS_DIR", "CHECKPOINT_
            "CHECKSUMS_NAME", "config_to_json", "config_from_json", "resolve_model_dir",
            "resolve_checkpoint_dir", "is_step_dir", "step_numbers", "latest_step",
            "array_checksums", "verify_checksums", "WorkdirCheckpoints", "CheckpointDirError",
-           "ROLLING_REASONS"]
+           "ROLLING_REASONS", "PARAM_LAYOUT", "layout_of", "param_layout_of"]
 
 CONFIG_NAME = "pythia_jax_config.json"
 #: Per-array checksums ({"params": {path: hex}, "opt_state": {...}}) beside the config file.
@@ -67,6 +67,15 @@ _ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "
                 "rotary_pct", "rotary_emb_base", "max_position_embeddings", "layer_norm_eps",
                 "use_parallel_residual", "gelu_approximate", "param_dtype", "init_method",
                 "output_init_method", "init_std", "bos_token_id", "eos_token_id")
+
+#: The order of the stored arrays, saved as `param_layout` beside the architecture fields.
+#: 2: QKV kernel [.., d, 3, N, H], bias [.., 3, N, H] (q, k, v on a major axis).
+#: 1: [.., d, N, 3, H] / [.., N, 3, H] (HF's head-interleaved order), checkpoints written before
+#:    2026-12-02; their configs have no `param_layout`. They are permuted on restore (params and
+#:    optimizer moments alike). The field, not the shapes, decides: they agree when N == 3.
+PARAM_LAYOUT = 2
+LAYOUT_FIELD = "param_layout"
+_LAYOUTS = (1, 2)
 
 
 class CheckpointDirError(ValueError):
@@ -161,10 +170,24 @@ def verify_checksums(d: str, items: dict, hint: str = "") -> None:
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
-    return {k: getattr(cfg, k) for k in _ARCH_FIELDS}
+    return {**{k: getattr(cfg, k) for k in _ARCH_FIELDS}, LAYOUT_FIELD: PARAM_LAYOUT}
 
 
-def config_from_json(path: str, **overrides) -> ModelConfig:
+def layout_of(saved: dict, where: str) -> int:
+    """The `param_layout` of a saved config / meta["model"] dict (1 where it has none)."""
+    layout = saved.get(LAYOUT_FIELD, 1)
+    if isinstance(layout, bool) or layout not in _LAYOUTS:
+        raise CheckpointDirError(f"{where}: field {LAYOUT_FIELD!r} is {layout!r}; expected one "
+                                 f"of {list(_LAYOUTS)} (a checkpoint from a newer pythia-jax?)")
+    return int(layout)
+
+
+def param_layout_of(path: str) -> int:
+    """The `param_layout` of a config file (`CONFIG_NAME`)."""
+    return layout_of(_read_json(path), path)
+
+
+def _read_json(path: str) -> dict:
     try:
         with paths.open(path, "r", encoding="utf-8") as fh:
             d = json.load(fh)
@@ -174,6 +197,13 @@ def config_from_json(path: str, **overrides) -> ModelConfig:
         raise CheckpointDirError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(d, dict):
         raise CheckpointDirError(f"{path}: expected a JSON object")
+    return d
+
+
+def config_from_json(path: str, **overrides) -> ModelConfig:
+    d = _read_json(path)
+    layout_of(d, path)
+    d.pop(LAYOUT_FIELD, None)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -183,6 +213,54 @@ def config_from_json(path: str, **overrides) -> ModelConfig:
         return ModelConfig(**d)
     except (ConfigError, TypeError) as e:
         raise CheckpointDirError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout 1 -> 2 (see PARAM_LAYOUT)
+def _key_name(k) -> str | None:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return None
+
+
+def _is_qkv(path) -> bool:
+    names = [n for n in map(_key_name, path) if n is not None]
+    while names and names[-1] in ("value", "raw_value"):
+        names.pop()
+    return "query_key_value" in names and names[-1:] in (["kernel"], ["bias"])
+
+
+def _swap_spec(sharding, ndim):
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec[-3], spec[-2] = spec[-2], spec[-3]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _layout1_target(tree):
+    """A restore target (ShapeDtypeStruct leaves) for a layout-1 checkpoint of `tree`'s arrays:
+    the QKV leaves with their (3, N) axes swapped back, shardings along."""
+    def f(path, x):
+        if not _is_qkv(path) or not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        shape = list(x.shape)
+        shape[-3], shape[-2] = shape[-2], shape[-3]
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype,
+                                    sharding=_swap_spec(x.sharding, len(shape)))
+    return jax.tree_util.tree_map_with_path(f, tree)
+
+
+def _from_layout1(tree, target):
+    """Restored layout-1 arrays -> layout 2, placed as `target` (the current layout) says."""
+    def f(path, x, t):
+        if not _is_qkv(path):
+            return x
+        y = jnp.swapaxes(x, -3, -2)
+        sh = getattr(t, "sharding", None)
+        return jax.device_put(y, sh) if sh is not None else y
+    return jax.tree_util.tree_map_with_path(f, tree, target)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +306,7 @@ def load_model(src: str, *, dtype: str | None = None, compute_dtype: str | None 
         config_overrides["dtype"] = compute_dtype
     d = resolve_model_dir(src)
     cfg = config_from_json(paths.join(d, CONFIG_NAME), **config_overrides)
+    layout = param_layout_of(paths.join(d, CONFIG_NAME))
     # restored as saved (the checksums are of the saved bits), cast to `dtype` afterwards
     abstract = abstract_model(cfg)
     params_abs = nnx.state(abstract, nnx.Param)
@@ -248,11 +327,14 @@ def load_model(src: str, *, dtype: str | None = None, compute_dtype: str | None 
         raise CheckpointDirError(f"{path}: missing parameter checkpoint")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(path, restore_target)
+            restored = ckptr.restore(path, restore_target if layout == PARAM_LAYOUT
+                                     else _layout1_target(restore_target))
     except Exception as e:  # orbax raises many types; name the directory and the cause
         raise CheckpointDirError(f"{path}: cannot restore parameters ({type(e).__name__}: "
                                  f"{_first_line(e)})") from None
-    verify_checksums(d, {"params": restored})
+    verify_checksums(d, {"params": restored})  # of the bits as saved
+    if layout != PARAM_LAYOUT:
+        restored = _from_layout1(restored, restore_target)
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.param_dtype):
         abstract = abstract_model(cfg.replace(param_dtype=dtype))
         restored = jax.tree.map(lambda x: x.astype(dtype), restored)
@@ -472,13 +554,17 @@ class WorkdirCheckpoints:
                 f"{self.step_dir(step)}: corrupt or incomplete checkpoint: cannot read its 'meta' "
                 f"item ({type(e).__name__}: {_first_line(e)}). {_CORRUPT_HINT}") from None
 
-    def restore(self, step: int, *, params, opt_state):
+    def restore(self, step: int, *, params, opt_state, param_layout: int = PARAM_LAYOUT):
         """(params, opt_state) of `step`, restored onto the shapes, dtypes and shardings of the
-        targets (abstract trees: `jax.ShapeDtypeStruct` leaves with shardings)."""
+        targets (abstract trees: `jax.ShapeDtypeStruct` leaves with shardings, in the current
+        layout); `param_layout`: the layout the step was saved in (`layout_of(meta["model"])`),
+        permuted to the current one after the checksums are verified."""
+        old = param_layout != PARAM_LAYOUT
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params),
-                opt_state=ocp.args.StandardRestore(opt_state)))
+                params=ocp.args.StandardRestore(_layout1_target(params) if old else params),
+                opt_state=ocp.args.StandardRestore(_layout1_target(opt_state) if old
+                                                   else opt_state)))
         except Exception as e:
             raise CheckpointDirError(
                 f"{self.step_dir(step)}: corrupt or incomplete checkpoint: cannot restore params "
@@ -489,6 +575,8 @@ class WorkdirCheckpoints:
                          {"params": out["params"], "opt_state": out["opt_state"]},
                          hint="Nothing was changed; move this step directory aside to resume "
                               + (f"from step {earlier[-1]}." if earlier else "from scratch."))
+        if old:
+            return _from_layout1(out["params"], params), _from_layout1(out["opt_state"], opt_state)
         return out["params"], out["opt_state"]
 
     def wait(self) -> None:

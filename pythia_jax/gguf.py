@@ -10,7 +10,7 @@ architecture `gptneox`:
 * the GPT-NeoX-20B tokenizer (`gpt2` BPE, pre-tokenizer `olmo`, token list padded with
   `[PAD{i}]` to the model's padded vocab, BOS/EOS/UNK = `<|endoftext|>`, no automatic BOS/EOS);
 * tensors under llama.cpp's names in torch orientation ([out, in]); the fused QKV is reordered
-  from our per-head [heads, 3, head_dim] rows to llama.cpp's [3, heads, head_dim]
+  from HF's per-head [heads, 3, head_dim] rows to llama.cpp's [3, heads, head_dim]
   (all Q | all K | all V); 1-D tensors (norms, biases) are always F32.
 
 Types written directly with the `gguf` package's numpy quantizers: f32, f16, bf16, q8_0, q4_0,

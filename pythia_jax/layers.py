@@ -17,8 +17,9 @@ single-token decoding alike; what differs between those is passed in, not copied
 - `taps`: capture and intervention points at TransformerLens' sites (`Taps`, `SITES`).
 
 Parameters of one layer (`p`, no leading layers axis, names as `GPTNeoX.layer_params`):
-ln1/ln2 scale, bias [D]; qkv kernel [D, N, 3, H] (HF's head-interleaved order, 3 = q, k, v),
-bias [N, 3, H]; out kernel [N, H, D], bias [D]; mlp_in [D, F] / [F]; mlp_out [F, D] / [D].
+ln1/ln2 scale, bias [D]; qkv kernel [D, 3, N, H] (3 = q, k, v on a major axis, so each comes
+out of the one matmul contiguous), bias [3, N, H]; out kernel [N, H, D], bias [D]; mlp_in
+[D, F] / [F]; mlp_out [F, D] / [D].
 Shape suffixes: B batch, T query length, S key length, D width, N heads, H head dim,
 R rotary dims, F MLP width.
 """
@@ -129,10 +130,10 @@ class Layout:
         return (y + b).astype(cdt)
 
     def split_heads(self, qkv):
-        """The QKV projection's output -> [B, T, N, 3, H]."""
-        if self.feature_major:  # [N, 3, H, B] -> [B, 1, N, 3, H]
-            return qkv.transpose(3, 0, 1, 2)[:, None]
-        return qkv
+        """The QKV projection's output -> (q, k, v), each [B, T, N, H]."""
+        if self.feature_major:  # [3, N, H, B] -> 3 x [B, 1, N, H]
+            return tuple(qkv[i].transpose(2, 0, 1)[:, None] for i in range(3))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, 3, N, H]: major-axis slices
 
     def merge_heads(self, o_BTNH):
         """Attention's output -> the input of the output projection."""
@@ -304,10 +305,10 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
 
     x = site("hook_resid_pre", x)
     a = layout.norm(x, p["ln1_scale"], p["ln1_bias"], eps)
-    qkv = layout.split_heads(layout.dense(a, p["qkv_kernel"], p["qkv_bias"], 1, cdt))
-    q = site("attn.hook_q", qkv[..., 0, :])  # [B, T, N, H]
-    k = site("attn.hook_k", qkv[..., 1, :])
-    v = site("attn.hook_v", qkv[..., 2, :])
+    q, k, v = layout.split_heads(layout.dense(a, p["qkv_kernel"], p["qkv_bias"], 1, cdt))
+    q = site("attn.hook_q", q)  # [B, T, N, H]
+    k = site("attn.hook_k", k)
+    v = site("attn.hook_v", v)
     fused = fused_rotary and not (taps is not None and taps.touches(_ROTARY_SITES))
     if not fused:
         q = site("attn.hook_rot_q", apply_rotary(q, *rope))

@@ -6,8 +6,8 @@ same tree serves the unrolled loop and `scan_layers=True`):
     embed_in.embedding                         [V, d]           (vocab, embed)
     layers.input_layernorm.{scale,bias}        [L, d]           (layers, norm)
     layers.post_attention_layernorm.{…}        [L, d]
-    layers.attention.query_key_value.kernel    [L, d, nh, 3, hd] (layers, embed, heads, qkv, head_dim)
-    layers.attention.query_key_value.bias      [L, nh, 3, hd]
+    layers.attention.query_key_value.kernel    [L, d, 3, nh, hd] (layers, embed, qkv, heads, head_dim)
+    layers.attention.query_key_value.bias      [L, 3, nh, hd]
     layers.attention.dense.kernel              [L, nh, hd, d]
     layers.attention.dense.bias                [L, d]
     layers.mlp.dense_h_to_4h.{kernel,bias}     [L, d, ff] / [L, ff]
@@ -15,8 +15,11 @@ same tree serves the unrolled loop and `scan_layers=True`):
     final_layer_norm.{scale,bias}              [d]
     embed_out.embedding                        [V, d]           (untied, no bias)
 
-The QKV kernel keeps HF's head-interleaved order explicitly: `[.., heads, 3, head_dim]` with
-3 = (q, k, v). Shape suffixes in names: B batch, T query length, S key length, D model width,
+The QKV kernel is `[.., 3, heads, head_dim]` with 3 = (q, k, v): the projection's output splits
+into q, k and v along a major axis, each already [B, T, N, H]. HF's fused rows are
+head-interleaved (`[heads, 3, head_dim]`); `weights` permutes them once on load and export
+(round trips stay bit-exact). Checkpoints written before this order (no `param_layout` in their
+config: `checkpoint.PARAM_LAYOUT`) are permuted when read. Shape suffixes in names: B batch, T query length, S key length, D model width,
 N heads, H head dim, F MLP width, V vocab.
 
 The layer itself is `layers.decoder_layer` (the one copy used by training, the cached prefill
@@ -94,8 +97,8 @@ class _Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs, dtype):
         L, d, N, H = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.query_key_value = _Dense(
-            rngs, (L, d, N, 3, H), (L, N, 3, H), dtype,
-            ("layers", "embed", "heads", "qkv", "head_dim"), ("layers", "heads", "qkv", "head_dim"),
+            rngs, (L, d, 3, N, H), (L, 3, N, H), dtype,
+            ("layers", "embed", "qkv", "heads", "head_dim"), ("layers", "qkv", "heads", "head_dim"),
             init_std(cfg.init_method, cfg))
         self.dense = _Dense(
             rngs, (L, N, H, d), (L, d), dtype, ("layers", "heads", "head_dim", "embed"),

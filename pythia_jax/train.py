@@ -591,7 +591,9 @@ class Checkpoints:
             self._check_compatible(self.store.step_dir(step), meta)
             params, opt_state = self.store.restore(
                 step, params=_params_as_state(self.setup.graphdef, abstract.params),
-                opt_state=abstract.opt_state)
+                opt_state=abstract.opt_state,
+                param_layout=ckpt_lib.layout_of(meta.get("model") or {},
+                                                self.store.step_dir(step)))
         except ckpt_lib.CheckpointDirError as e:
             raise TrainError(str(e)) from None
         step_arr = jax.device_put(jnp.asarray(step, jnp.int32),

@@ -107,20 +107,37 @@ def _transposed(a, cfg=None):
     return a.T
 
 
-def _qkv_w_to_ours(a, cfg):   # hf [N*3*H, d] -> ours [d, N, 3, H]
-    return a.reshape(cfg.num_heads, 3, cfg.head_dim, cfg.hidden_size).transpose(3, 0, 1, 2)
+def _qkv_w_to_ours(a, cfg):   # hf [N*3*H, d] (rows head-interleaved) -> ours [d, 3, N, H]
+    return a.reshape(cfg.num_heads, 3, cfg.head_dim, cfg.hidden_size).transpose(3, 1, 0, 2)
 
 
 def _qkv_w_to_hf(a):
-    return a.transpose(1, 2, 3, 0).reshape(-1, a.shape[0])
+    d, _, N, H = a.shape
+    return a.transpose(2, 1, 3, 0).reshape(N * 3 * H, d)
 
 
-def _qkv_b_to_ours(a, cfg):   # hf [N*3*H] -> ours [N, 3, H]
-    return a.reshape(cfg.num_heads, 3, cfg.head_dim)
+def _qkv_b_to_ours(a, cfg):   # hf [N*3*H] -> ours [3, N, H]
+    return a.reshape(cfg.num_heads, 3, cfg.head_dim).transpose(1, 0, 2)
 
 
 def _qkv_b_to_hf(a):
-    return a.reshape(-1)
+    return a.transpose(1, 0, 2).reshape(-1)
+
+
+def _copy_qkv_w(dst: np.ndarray, a: np.ndarray) -> None:
+    """dst [d, 3, N, H] = `_qkv_w_to_ours(a)` (cast): one transposing copy per (q/k/v, head)
+    block of HF rows [H, d] (contiguous reads; `dst` slices are written in place, never through
+    a reshape, which would copy a non-contiguous view)."""
+    d, three, N, H = dst.shape
+    a4 = a.reshape(N, three, H, d)
+    for n in range(N):
+        for s in range(three):
+            np.copyto(dst[:, s, n, :], a4[n, s].T, casting="unsafe")
+
+
+def _copy_qkv_b(dst: np.ndarray, a: np.ndarray) -> None:
+    three, N, H = dst.shape
+    np.copyto(dst, a.reshape(N, three, H).transpose(1, 0, 2), casting="unsafe")
 
 
 def _attn_out_w_to_ours(a, cfg):  # hf [d, N*H] -> ours [N, H, d]
@@ -161,11 +178,11 @@ RECORDS: tuple[WeightRecord, ...] = (
     WeightRecord(_layer("attention.query_key_value.weight"),
                  ("layers", "attention", "query_key_value", "kernel"),
                  lambda c: (3 * c.num_heads * c.head_dim, c.hidden_size),
-                 _qkv_w_to_ours, _qkv_w_to_hf, _copy_transposed),
+                 _qkv_w_to_ours, _qkv_w_to_hf, _copy_qkv_w),
     WeightRecord(_layer("attention.query_key_value.bias"),
                  ("layers", "attention", "query_key_value", "bias"),
                  lambda c: (3 * c.num_heads * c.head_dim,),
-                 _qkv_b_to_ours, _qkv_b_to_hf, _copy_reshaped),
+                 _qkv_b_to_ours, _qkv_b_to_hf, _copy_qkv_b),
     WeightRecord(_layer("attention.dense.weight"), ("layers", "attention", "dense", "kernel"),
                  lambda c: (c.hidden_size, c.num_heads * c.head_dim),
                  _attn_out_w_to_ours, _attn_out_w_to_hf, _copy_transposed),

@@ -245,12 +245,11 @@ def test_metadata_names_and_layout(tiny, exported):
     p = flat_params(tiny)
     data = {t.name: np.asarray(t.data) for t in r.tensors}
     N, H, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    qkv = p["layers.attention.query_key_value.kernel"][1]  # [d, N, 3, H]
+    qkv = p["layers.attention.query_key_value.kernel"][1]  # [d, 3, N, H]
     np.testing.assert_array_equal(data["blk.1.attn_qkv.weight"],
-                                  qkv.transpose(2, 1, 3, 0).reshape(3 * d, d))
+                                  qkv.transpose(1, 2, 3, 0).reshape(3 * d, d))
     np.testing.assert_array_equal(data["blk.1.attn_qkv.bias"],
-                                  p["layers.attention.query_key_value.bias"][1]
-                                  .transpose(1, 0, 2).reshape(-1))
+                                  p["layers.attention.query_key_value.bias"][1].reshape(-1))
     np.testing.assert_array_equal(data["blk.0.ffn_up.weight"], p["layers.mlp.dense_h_to_4h.kernel"][0].T)
     np.testing.assert_array_equal(data["blk.0.attn_output.weight"],
                                   p["layers.attention.dense.kernel"][0].reshape(N * H, d).T)

@@ -83,7 +83,7 @@ def test_remat_policies_save_what_they_say():
     attn = set(_stacked_residuals("save_attn_out"))
     scores = (L, B, N, T, T)          # attention probabilities (xla attention)
     layer_in = (L, B, T, D)           # the scan carry: every policy keeps each layer's input
-    qkv, mlp_h, attn_out = (L, B, T, N, 3, H), (L, B, T, F), (L, B, T, N, H)
+    qkv, mlp_h, attn_out = (L, B, T, 3, N, H), (L, B, T, F), (L, B, T, N, H)
     assert scores in none and mlp_h in none
     assert full == {layer_in}
     assert attn == {layer_in, attn_out}

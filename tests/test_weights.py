@@ -55,13 +55,16 @@ def test_to_hf_inverts_to_ours_for_every_record():
 def test_orientation_is_hf_s():
     """The layouts themselves (a consistent but wrong pair of transforms would pass the test
     above): HF's fused QKV rows are head-major [heads, (q, k, v), head_dim] with [out, in]
-    kernels; ours are [in, ...]."""
+    kernels; ours are [in, ...] with q, k, v on a major axis ([d, 3, N, H])."""
     by_name = {r.hf_name.split(".{layer}.")[-1]: r for r in weights.RECORDS}
     d, N, H, F = CFG.hidden_size, CFG.num_heads, CFG.head_dim, CFG.intermediate_size
     hf = np.arange(3 * N * H * d, dtype=np.float32).reshape(3 * N * H, d)
     qkv = by_name["attention.query_key_value.weight"].to_ours(hf, CFG)
     for n, k, h, i in [(0, 0, 0, 0), (2, 1, 5, 7), (1, 2, 7, 23)]:
-        assert qkv[i, n, k, h] == hf[(n * 3 + k) * H + h, i]
+        assert qkv[i, k, n, h] == hf[(n * 3 + k) * H + h, i]  # ours [d, (q, k, v), N, H]
+    b = np.arange(3 * N * H, dtype=np.float32)
+    qkv_b = by_name["attention.query_key_value.bias"].to_ours(b, CFG)
+    assert qkv_b.shape == (3, N, H) and qkv_b[2, 1, 5] == b[(1 * 3 + 2) * H + 5]
     hf = np.arange(d * N * H, dtype=np.float32).reshape(d, N * H)
     out = by_name["attention.dense.weight"].to_ours(hf, CFG)
     assert out[2, 3, 5] == hf[5, 2 * H + 3]
