@@ -115,13 +115,16 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     c.train.grad_reduce = "auto"
     # The output layer fused with the cross-entropy (`pythia_jax.fused_loss`, a Pallas TPU
     # kernel that never writes the [tokens, vocab] fp32 logits to HBM). Used only where the step
-    # is traced for TPU (elsewhere, and on meshes with tensor > 1, the plain loss). Off by
-    # default: bench/RESULTS.md "Fused output layer + cross-entropy" has the estimates.
-    c.train.fused_loss = False
+    # is traced for TPU (elsewhere, and on meshes with tensor > 1, the plain loss). On, with
+    # stored probabilities: the v5e compile estimates put that variant at 0.80-0.88 x the plain
+    # loss's time per microbatch (70m-410m) with half its HBM temporaries; no TPU timing yet
+    # (bench/RESULTS.md "Fused output layer + cross-entropy"). False restores the plain loss.
+    c.train.fused_loss = True
     # With fused_loss: the forward keeps bf16 probabilities ([tokens, vocab], half the plain
     # path's fp32 logits) for the backward instead of recomputing the logits there (the plain
-    # path's FLOPs instead of 4/3 of them).
-    c.train.fused_loss_store_probs = False
+    # path's FLOPs instead of 4/3 of them). False: nothing [tokens, vocab] in HBM at all (the
+    # least memory; slower above 70m by the same estimates).
+    c.train.fused_loss_store_probs = True
     c.train.seed = 1234                   # NeoX default seed
     c.train.log_every = 10                # log-interval
     c.train.progress_bar = True
