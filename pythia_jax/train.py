@@ -205,8 +205,10 @@ def grad_accum_steps(config, mesh: Mesh) -> int:
     per_shard = B // shards
     if config.train.grad_accum_steps > 0:
         A = int(config.train.grad_accum_steps)
-    elif config.train.microbatch_per_device > 0:
+    elif config.train.microbatch_per_device > 0:  # at most this many rows per microbatch
         mpd = int(config.train.microbatch_per_device)
+        if per_shard <= mpd:  # the shard's rows fit in one microbatch (e.g. a large pod)
+            mpd = per_shard
         if per_shard % mpd:
             raise TrainConfigError(f"config.train.microbatch_per_device={mpd}: must divide the "
                                    f"{per_shard} rows each data shard holds (batch {B} over "

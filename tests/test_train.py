@@ -127,6 +127,12 @@ def test_gradient_accumulation_matches_the_full_batch(rows16):
     _, s4 = train.create_train_state(c4, mesh, init=False)
     assert (s1.grad_accum, s4.grad_accum) == (1, 4)
     assert train.create_train_state(c4m, mesh, init=False)[1].grad_accum == 4
+    # a cap: a shard with fewer rows than microbatch_per_device takes them in one microbatch
+    c1m = tiny_config(rows16, **{"train.microbatch_per_device": 16})
+    assert train.create_train_state(c1m, mesh, init=False)[1].grad_accum == 1
+    with pytest.raises(train.TrainConfigError, match="microbatch_per_device=3: must divide the 8"):
+        train.create_train_state(tiny_config(rows16, **{"train.microbatch_per_device": 3}),
+                                 mesh, init=False)
     host = jax.device_get(state)
     a, m_a = train.make_train_step(s1, donate=False)(jax.device_put(host, s1.state_shardings),
                                                      _batch(s1, rows))

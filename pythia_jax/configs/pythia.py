@@ -44,6 +44,21 @@ NEOX_LAYOUT = {
     "6.9b": (128, 2, 8, 2), "12b": (256, 4, 8, 2),
 }
 
+#: size -> (remat policy, sequences per device per microbatch): the defaults, chosen from
+#: deviceless compiles of the real step (`scripts/aot_report.py`; docs/scaling.md has the
+#: tables and commands). 70m-410m: v5e (16 GiB HBM) with pure data parallelism, the largest
+#: power-of-two microbatch that fits; remat "none" beat "dots_saveable" at 160m (49.2 vs
+#: 40.3 % MFU, cycles model) and 410m (45.5 vs 38.1 %). 14m and 31m take 70m's microbatch
+#: (their activations are smaller; not compiled). 1b-12b: remat as NeoX (checkpointed
+#: activations), microbatch 0 (no cap) until a compile chooses one. The microbatch is a cap:
+#: a device holding fewer rows takes them in one microbatch (`train.grad_accum_steps`).
+TRAIN_DEFAULTS = {
+    "14m": ("none", 16), "31m": ("none", 16), "70m": ("none", 16), "160m": ("none", 4),
+    "410m": ("none", 1),
+    "1b": ("full", 0), "1.4b": ("full", 0), "2.8b": ("full", 0), "6.9b": ("full", 0),
+    "12b": ("full", 0),
+}
+
 EVAL_INTERVAL = {"14m": 100000, "31m": 100000, "70m": 100000, "6.9b": 1000, "12b": 1000}
 
 #: Pythia's checkpoint grid: step 0 and powers of two to 512, then every 1000 (plus the last).
@@ -78,7 +93,7 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
         # then say hidden_act="gelu_new". Set False to train with the exact erf GELU.
         gelu_approximate=True,
         scan_layers=True,
-        remat="none" if preset.hidden_size < 2048 else "full",  # NeoX: checkpoint-activations
+        remat=TRAIN_DEFAULTS[size][0],  # chosen from compiles (TRAIN_DEFAULTS)
         attention_impl="auto",   # TPU: Pallas flash kernel, GPU: cuDNN, CPU: xla
         # None: rotary fused into the Pallas kernel wherever auto picks it (ModelConfig); a
         # typed placeholder so --config.model.fused_rotary=true|false still overrides it.
@@ -105,9 +120,12 @@ def get_config(arg: str = "70m") -> ml_collections.ConfigDict:
     c.train.num_steps = 143_000           # train-iters
     c.train.batch_size = 1024             # global batch (sequences)
     c.train.seq_len = 2048                # seq-length; rows hold seq_len + 1 tokens
-    # Gradient accumulation: 0 = derive from microbatch_per_device (0 = no accumulation).
+    # Gradient accumulation: 0 = derive from microbatch_per_device, at most that many sequences
+    # per device per microbatch (0 = no cap: no accumulation); the per-size default fits a
+    # 16 GiB v5e chip (TRAIN_DEFAULTS; on chips with more HBM `scripts/aot_report.py` finds
+    # the largest that fits).
     c.train.grad_accum_steps = 0
-    c.train.microbatch_per_device = 0
+    c.train.microbatch_per_device = TRAIN_DEFAULTS[size][1]
     # Where the gradients of the accumulation are reduced across devices: "step" (each device
     # sums its own microbatches' gradients, one reduction after the loop), "microbatch" (XLA
     # reduces inside the loop, once per microbatch), "auto" = step unless the mesh has an fsdp
