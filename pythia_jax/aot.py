@@ -388,19 +388,32 @@ def _group_size(line: str, n_devices: int) -> int:
     return n_devices
 
 
+#: `estimated_cycles` at or above this is libtpu's marker for "no estimate" (seen: INT64_MAX on
+#: v5p `gather_offload_custom_fusion`s, read with jax 0.12): left out of the sum and named.
+_NO_CYCLES = 1 << 62
+
+
 def hlo_costs(text: str, chip: str) -> dict:
     """From an optimized HLO module: `cycles` (the summed `estimated_cycles` of its scheduled ops,
     loop bodies times their trip counts), `cycle_seconds` (at `CLOCK_GHZ[chip]`, plus the
     Pallas kernels at the roofline of their `pl.CostEstimate`), the kernels priced that way and
-    the ones without an estimate (`unpriced_kernels`: name -> count)."""
+    the ones without an estimate (`unpriced_kernels`: name -> count), and the ops libtpu gives no
+    cycle estimate (`uncycled_ops`: kind -> count; not in `cycles`, which is then a lower
+    bound)."""
     comps, entry = parse_hlo(text)
     mult, unknown, _ = _multipliers(comps, entry)
     c = CHIPS[chip]
-    cycles, kernel_s, priced, unpriced = 0.0, 0.0, {}, {}
+    cycles, kernel_s, priced, unpriced, uncycled = 0.0, 0.0, {}, {}, {}
     for name, lines in comps.items():
         m = mult.get(name, 0)
         for line in lines:
-            cycles += m * sum(int(v) for v in re.findall(r'"estimated_cycles":"(\d+)"', line))
+            for v in re.findall(r'"estimated_cycles":"(\d+)"', line):
+                if int(v) >= _NO_CYCLES:  # libtpu's "no estimate" (INT64_MAX), not a cost
+                    op = _INSTR.match(line)
+                    kind = re.sub(r"\.\d+$", "", op.group(1)) if op else "?"
+                    uncycled[kind] = uncycled.get(kind, 0) + m
+                else:
+                    cycles += m * int(v)
             if 'custom_call_target="tpu_custom_call"' not in line:
                 continue
             op = re.search(r'op_name="([^"]*)"', line)
@@ -418,7 +431,8 @@ def hlo_costs(text: str, chip: str) -> dict:
     return {"cycles": cycles, "clock_ghz": CLOCK_GHZ[chip],
             "cycle_seconds": cycles / (CLOCK_GHZ[chip] * 1e9) + kernel_s,
             "kernel_seconds": kernel_s, "priced_kernels": priced,
-            "unpriced_kernels": unpriced, "unknown_trip_loops": unknown}
+            "unpriced_kernels": unpriced, "uncycled_ops": uncycled,
+            "unknown_trip_loops": unknown}
 
 
 def collectives_of(text: str, chip: str, n_devices: int) -> dict:
@@ -514,8 +528,15 @@ def cost_of(compiled, chip: str) -> dict:
         out.update(hlo_costs(text, chip))
     else:
         out.update({"cycles": None, "cycle_seconds": float("nan"), "unpriced_kernels": None,
-                    "priced_kernels": None})  # not known without the HLO text
+                    "priced_kernels": None, "uncycled_ops": None})  # not known without the text
     return out
+
+
+def _union_uncycled(parts) -> list | None:
+    """The op kinds without a cycle estimate in any of the cost compiles (None: not known)."""
+    if any(p.get("uncycled_ops") is None for p in parts):
+        return None
+    return sorted(set().union(*(p["uncycled_ops"] for p in parts)))
 
 
 def _union_unpriced(parts) -> list | None:
@@ -551,7 +572,8 @@ def step_cost(config, devices, setup, mode: str, chip: str) -> dict:
         part = cost_of(compiled, chip)
         return {k: part[k] * A for k in keys} | {
             "compile_s": secs, "parts": {"full": part},
-            "unpriced_kernels": _union_unpriced([part])}
+            "unpriced_kernels": _union_unpriced([part]),
+            "uncycled_ops": _union_uncycled([part])}
 
     t = mesh.shape["tensor"]
     per_device = int(config.train.batch_size) // A // math.prod(
@@ -570,6 +592,7 @@ def step_cost(config, devices, setup, mode: str, chip: str) -> dict:
     out = {k: A * (g1[k] + (L - 1) * (g2[k] - g1[k])) + up[k] for k in keys}
     out["compile_s"] = s1 + s2 + s3
     out["unpriced_kernels"] = _union_unpriced([g1, g2, up])
+    out["uncycled_ops"] = _union_uncycled([g1, g2, up])
     out["parts"] = {"grads_1_layer": g1, "grads_2_layers": g2, "update": up}
     return out
 
@@ -758,6 +781,7 @@ def report(model: str, topology: str, mesh: dict, batch: int = 1024, seq_len: in
                     "roofline_palm": mfu(fpt["palm"] * tokens, est),
                     "cycles_palm": mfu(fpt["palm"] * tokens, cyc)},
             "unpriced_kernels": c["unpriced_kernels"],
+            "uncycled_ops": c["uncycled_ops"],
             "cost_compile_s": c["compile_s"],
             "cost_parts": c["parts"],
         })
@@ -824,4 +848,7 @@ def format_report(r: dict) -> str:
              "cost compiles' HLO text back, see aot._hlo_text); MFU cycles: n/a"),
             f"  Pallas kernels without a cost estimate (priced at zero): {unpriced}",
         ]
+        if r.get("uncycled_ops"):
+            lines.append("  ops libtpu gives no cycle estimate (left out of the cycles time, "
+                         "which is then a lower bound): " + ", ".join(r["uncycled_ops"]))
     return "\n".join(lines)

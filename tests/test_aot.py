@@ -246,6 +246,16 @@ def test_hlo_cycles_kernels_and_collectives_with_trip_counts():
                   "traffic_bytes": pytest.approx(3 / 4 * 4 * 256 * 512 * 4)}
     total = ar["traffic_bytes"] + ag["traffic_bytes"] + rs["traffic_bytes"]
     assert col["ici_lower_bound_s"] == pytest.approx(total / 200e9)
+    assert costs["uncycled_ops"] == {}
+    # libtpu's "no estimate" (INT64_MAX, seen on v5p offload fusions) is named, not summed
+    marked = _HLO.replace(
+        '  ROOT %r = f32[] constant(0)',
+        '  %gather_offload_custom_fusion.11 = f32[8]{0} fusion(%x), kind=kCustom, calls=%add, '
+        'backend_config={"estimated_cycles":"9223372036854775807"}\n  ROOT %r = f32[] constant(0)')
+    assert "9223372036854775807" in marked
+    got = aot.hlo_costs(marked, "v5e")
+    assert got["cycles"] == costs["cycles"]
+    assert got["uncycled_ops"] == {"gather_offload_custom_fusion": 1}
     # a loop whose condition is not `i < N` is reported, counted once
     odd = _HLO.replace("direction=LT", "direction=NE")
     assert aot.hlo_costs(odd, "v5e")["unknown_trip_loops"] == ["w"]
