@@ -26,6 +26,22 @@ except ImportError as e:  # a hard failure, never a skip: llama.cpp is how expor
     raise ImportError("tests/test_gguf.py needs llama-cpp-python (pip install "
                       f"'pythia-jax[gguf]'); it could not be imported: {e}") from None
 import gguf
+
+_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _plain_buffers():
+    """llama.cpp's model parameters with `use_extra_bufts` off: its repacked (AMX) CPU buffers
+    for quantized weights segfault in `decode` on AMX-capable VMs (checked on a Xeon with
+    amx_tile: the same Q8_0 file runs with them off and crashes the process with them on). The
+    kernels that compute the logits are still llama.cpp's own."""
+    p = _default_model_params()
+    p.use_extra_bufts = False
+    return p
+
+
+# `llama_cpp.Llama()` takes its defaults from the low-level module: every Llama of this file
+llama_cpp.llama_cpp.llama_model_default_params = _plain_buffers
 import jax
 import jax.numpy as jnp
 from flax import nnx
