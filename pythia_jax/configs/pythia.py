@@ -52,15 +52,15 @@ NEOX_LAYOUT = {
 #: (their activations are smaller; not compiled). 1b-12b: v5p (95 GiB) with fsdp over the
 #: slice; "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4, 74.8 vs 66.5 % roofline, 80.2
 #: vs 77.5 % cycles) and 12b (v5p:4x8x8, 75.7 vs 65.5 %, 73.4 vs 66.9 %); the microbatch is
-#: what fitted there (1b 32 of 32 rows, 69 GiB; 12b 4 of 4, 45 GiB); 1.4b, 2.8b and 6.9b take
-#: the microbatches that fitted with "dots_saveable" in the earlier compiles of docs/scaling.md
-#: (16, 8, 4). The microbatch is a cap: a device holding fewer rows takes them in one
-#: microbatch (`train.grad_accum_steps` overrides it).
+#: the largest that fitted with it on v5p fsdp slices (1b 32 on 2x4x4, 69 GiB; 1.4b 16 on
+#: 2x4x4, 50 GiB; 2.8b 8 on 4x4x4, 50 GiB; 6.9b 8 on 4x4x8, 64 GiB; 12b 4 on 4x8x8, 45 GiB).
+#: The microbatch is a cap: a device holding fewer rows takes them in one microbatch
+#: (`train.grad_accum_steps` overrides it).
 TRAIN_DEFAULTS = {
     "14m": ("none", 16), "31m": ("none", 16), "70m": ("none", 16), "160m": ("none", 4),
     "410m": ("none", 1),
     "1b": ("dots_saveable", 32), "1.4b": ("dots_saveable", 16), "2.8b": ("dots_saveable", 8),
-    "6.9b": ("dots_saveable", 4), "12b": ("dots_saveable", 4),
+    "6.9b": ("dots_saveable", 8), "12b": ("dots_saveable", 4),
 }
 
 EVAL_INTERVAL = {"14m": 100000, "31m": 100000, "70m": 100000, "6.9b": 1000, "12b": 1000}
