@@ -169,13 +169,8 @@ def _tiny_config(**overrides):
               "data.build_from_text": "", "data.eval_path": "",
               "train.batch_size": 8, "train.seq_len": 16, "train.grad_accum_steps": 1,
               **overrides}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    from test_train import set_fields
+    return set_fields(c, values)
 
 
 def _flat(tree) -> dict:

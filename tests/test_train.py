@@ -52,16 +52,20 @@ TINY = {
 }
 
 
-def tiny_config(data_path: str, **overrides):
-    """configs/smoke.py shrunk to a 2-layer, width-32, 256-token model on `data_path`."""
-    c = smoke.get_config()
-    for key, value in {**TINY, "data.path": str(data_path), **overrides}.items():
+def set_fields(c, values: dict):
+    """`c` with each dotted field of `values` ("train.seq_len": 16, ...) set."""
+    for key, value in values.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
     return c
+
+
+def tiny_config(data_path: str, **overrides):
+    """configs/smoke.py shrunk to a 2-layer, width-32, 256-token model on `data_path`."""
+    return set_fields(smoke.get_config(), {**TINY, "data.path": str(data_path), **overrides})
 
 
 def snapshot(root) -> dict:
