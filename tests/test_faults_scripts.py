@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,27 +97,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _terminate_when(cmd, ready, log_path, timeout=90.0, sig=signal.SIGTERM):
-    """Start `cmd`, send `sig` as soon as `ready(pid)` is true (polled every 2 ms), wait.
-    Returns (exit status, output, what `ready` returned)."""
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        try:
-            while not (seen := ready(p.pid)):
-                if p.poll() is not None:
-                    pytest.fail(f"exited {p.returncode} before the signal could be sent:\n"
-                                + open(log_path).read()[-3000:])
-                if time.monotonic() > deadline:
-                    pytest.fail("never got ready:\n" + open(log_path).read()[-3000:])
-                time.sleep(0.002)
-            p.send_signal(sig)
-            rc = p.wait(timeout=60)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return rc, open(log_path).read(), seen
+def _terminate_when(cmd, ready, log_path, timeout=90.0, sig=signal.SIGTERM, outdir=None,
+                    attempts=3):
+    """Start `cmd`; once `ready(pid)` is true (polled every 2 ms) freeze the process (SIGSTOP),
+    check `ready` again, send `sig` and let it go on (SIGCONT). The signal then lands in the
+    state `ready` saw, however long this test process (on a loaded machine) took to send it.
+    A run that got past that state before it was frozen is started again (its output in
+    `outdir` removed), up to `attempts` runs. Returns (exit status, output, what `ready` gave)."""
+    for attempt in range(attempts):
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            try:
+                while not ready(p.pid):
+                    if p.poll() is not None:
+                        pytest.fail(f"exited {p.returncode} before the signal could be sent:\n"
+                                    + open(log_path).read()[-3000:])
+                    if time.monotonic() > deadline:
+                        pytest.fail("never got ready:\n" + open(log_path).read()[-3000:])
+                    time.sleep(0.002)
+                p.send_signal(signal.SIGSTOP)
+                seen = p.poll() is None and ready(p.pid)
+                if seen:
+                    p.send_signal(sig)
+                p.send_signal(signal.SIGCONT)
+                rc = p.wait(timeout=60)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if seen:
+            return rc, open(log_path).read(), seen
+        if outdir is None:
+            break
+        for name in os.listdir(outdir):  # the finished output of a run the signal missed
+            path = os.path.join(outdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    pytest.fail(f"the process was past the ready state before it could be stopped "
+                f"({attempt + 1} runs):\n" + open(log_path).read()[-3000:])
 
 
 # -- scripts/train.py ---------------------------------------------------------------------------
@@ -252,7 +270,7 @@ def test_batch_viewer_sigterm_leaves_no_temp_file(tmp_path):
     rc, log, _ = _terminate_when(
         _script("batch_viewer.py", f"--data={data}", "--start_step=0", f"--end_step={n - 1}",
                 "--batch_size=1", "--seq_len=1", f"--out={outdir / 'v.npy'}"),
-        lambda pid: _writing(outdir), tmp_path / "log")
+        lambda pid: _writing(outdir), tmp_path / "log", outdir=outdir)
     assert rc == TERMINATED, log[-3000:]
     assert "batch_viewer: terminated (SIGTERM); removing temporary files" in log
     assert "Traceback" not in log
@@ -271,7 +289,7 @@ def test_unshard_sigterm_leaves_no_temp_file(tmp_path):
     rc, log, _ = _terminate_when(
         _script("unshard.py", f"--input={paths[0]}", f"--output={outdir / 'doc.bin'}",
                 "--noprogress"),
-        lambda pid: _writing(outdir), tmp_path / "log")
+        lambda pid: _writing(outdir), tmp_path / "log", outdir=outdir)
     assert rc == TERMINATED, log[-3000:]
     assert "unshard: terminated (SIGTERM)" in log and "Traceback" not in log
     assert os.listdir(outdir) == []
@@ -300,7 +318,7 @@ def test_preprocess_sigterm_stops_workers_and_leaves_no_temp_file(tmp_path, work
     rc, log, _ = _terminate_when(
         _script("preprocess_data.py", f"--input={src}", f"--output_prefix={outdir / 'x'}",
                 "--append_eod", f"--workers={workers}", "--noprogress"),
-        ready, tmp_path / "log")
+        ready, tmp_path / "log", outdir=outdir)
     assert rc == TERMINATED, log[-3000:]
     assert "preprocess_data: terminated (SIGTERM)" in log and "Traceback" not in log
     assert os.listdir(outdir) == []
@@ -345,7 +363,7 @@ def test_convert_sigterm_leaves_no_temp_dir(tmp_path, hf_dir):
     rc, log, _ = _terminate_when(
         _script("convert.py", f"--src={hf_dir}", f"--dst={outdir / 'ck'}", "--to=jax",
                 "--noprogress"),
-        lambda pid: _writing(outdir), tmp_path / "log")
+        lambda pid: _writing(outdir), tmp_path / "log", outdir=outdir)
     assert rc == TERMINATED, log[-3000:]
     assert "convert: terminated (SIGTERM)" in log
     assert os.listdir(outdir) == []
@@ -357,7 +375,7 @@ def test_export_gguf_sigterm_leaves_no_temp_file(tmp_path, hf_dir):
     rc, log, _ = _terminate_when(
         _script("export_gguf.py", f"--src={hf_dir}", f"--dst={outdir / 'm.gguf'}", "--type=q4_0",
                 "--noprogress"),
-        lambda pid: _writing(outdir), tmp_path / "log")
+        lambda pid: _writing(outdir), tmp_path / "log", outdir=outdir)
     assert rc == TERMINATED, log[-3000:]
     assert "export_gguf: terminated (SIGTERM)" in log
     assert os.listdir(outdir) == []
