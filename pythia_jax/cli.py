@@ -115,21 +115,17 @@ def atomic_output(path: str):
     (Ctrl-C and `Terminated` included) the temporary file is removed: nothing partial is left."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    old_mask = paths.block_sigterm()  # no SIGTERM between the creation and the cleanup block
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".tmp")
-    except BaseException:
-        paths.restore_sigterm(old_mask)
-        raise
-    try:
-        paths.restore_sigterm(old_mask)
+        with paths.sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                       suffix=".tmp")
         os.close(fd)
         yield tmp
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         raise
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from pythia_jax import weights
+from pythia_jax import paths, weights
 from pythia_jax.config import ConfigError, ModelConfig
 from pythia_jax.progress import logger, progress_bar
 from pythia_jax.tokenizer import bundled_tokenizer_path
@@ -421,15 +421,17 @@ def export_gguf(model, dst: str | os.PathLike, type: str = "f16", *,
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=".gguf", dir=parent)
-    os.close(fd)
-    tmp_src = None
+    tmp = tmp_src = None
     try:
+        with paths.sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=".gguf", dir=parent)
+        os.close(fd)
         if et.qtype is not None:
             _write_direct(model, tmp, et, vocab=vocab, name=name, progress=progress)
         else:
-            fd, tmp_src = tempfile.mkstemp(prefix=f".{base}.{intermediate}-", suffix=".gguf",
-                                           dir=parent)
+            with paths.sigterm_held():
+                fd, tmp_src = tempfile.mkstemp(prefix=f".{base}.{intermediate}-",
+                                               suffix=".gguf", dir=parent)
             os.close(fd)
             _write_direct(model, tmp_src, _TYPES[intermediate], vocab=vocab, name=name,
                           progress=progress)

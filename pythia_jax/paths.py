@@ -42,7 +42,7 @@ __all__ = ["GCS_EXTRA", "MissingCloudDependency", "is_remote", "join", "abspath"
            "makedirs", "remove", "rmtree", "read_range", "read_bytes", "read_text",
            "write_bytes", "write_text", "atomic_write", "download", "upload", "sync_up",
            "local_copy", "check_available", "configure", "replace_dir", "atomic_dir",
-           "default_dir_mode", "default_file_mode", "block_sigterm", "restore_sigterm"]
+           "default_dir_mode", "default_file_mode", "block_sigterm", "restore_sigterm", "sigterm_held"]
 
 #: The pyproject extra that installs the cloud filesystems.
 GCS_EXTRA = "gcs"
@@ -267,14 +267,10 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iter
         folder = None
     else:
         folder = os.path.dirname(os.path.abspath(path))
-    old_mask = block_sigterm()  # no SIGTERM between the creation and the cleanup block
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{basename(path)}.tmp-", dir=folder)
-    except BaseException:
-        restore_sigterm(old_mask)
-        raise
-    try:
-        restore_sigterm(old_mask)
+        with sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            fd, tmp = tempfile.mkstemp(prefix=f".{basename(path)}.tmp-", dir=folder)
         with builtins.open(fd, mode, encoding=encoding) as fh:
             yield fh
             fh.flush()
@@ -287,8 +283,9 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iter
             os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
             os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         raise
 
 
@@ -448,19 +445,16 @@ def atomic_dir(dst, *, overwrite: bool = False) -> Iterator[str]:
         return
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    old_mask = block_sigterm()  # no SIGTERM between the creation and the cleanup block
+    tmp = None
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    except BaseException:
-        restore_sigterm(old_mask)
-        raise
-    try:
-        restore_sigterm(old_mask)  # a SIGTERM that came meanwhile is handled here, inside
+        with sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
         os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; a directory gets the umask's
         yield tmp
         replace_dir(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -495,6 +489,18 @@ def block_sigterm():
     pending: list[int] = []
     old = signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
     return (signal.SIG_DFL if old is None else old), pending
+
+
+@contextlib.contextmanager
+def sigterm_held() -> Iterator[None]:
+    """`block_sigterm` for the block: wrap the creation of a temporary output together with the
+    recording of its name for cleanup, inside the `try` that removes it. A SIGTERM that lands
+    meanwhile is delivered at the end of the block, when the name is already recorded."""
+    state = block_sigterm()
+    try:
+        yield
+    finally:
+        restore_sigterm(state)
 
 
 def restore_sigterm(state) -> None:

@@ -187,3 +187,93 @@ def test_atomic_output_leaves_nothing_on_error_and_replaces_on_success(tmp_path)
     cli.write_text_atomic(str(out), "new\n")
     assert out.read_text() == "new\n" and sorted(os.listdir(tmp_path)) == ["r.json"]
     assert (out.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+# -- a SIGTERM the instant a temporary output is created ------------------------------------------
+# CI caught `preprocess_data.py` leaving `.x_text_document.bin.*.tmp` behind: the signal landed
+# between `mkstemp` creating the file and the builder recording its name, so no cleanup knew of
+# it. Every writer holds SIGTERM across that window (`paths.sigterm_held`); this sends one inside
+# it, from `mkstemp` / `mkdtemp` themselves (the process signals itself the moment the file
+# exists), and checks that the writer stops (exit status 143) and leaves its folder as it was.
+def _writers(folder):
+    from pythia_jax import paths
+    from pythia_jax.data import neox_index
+
+    src = os.path.join(folder, "src.bin")
+
+    def builder_init():
+        b = MMapIndexedDatasetBuilder(os.path.join(folder, "d"), np.uint16)
+        b.abort()  # never reached when the signal lands
+
+    def builder_finalize():
+        b = MMapIndexedDatasetBuilder(os.path.join(folder, "d"), np.uint16)
+        b.add_document(np.arange(4))
+        b.finalize()
+
+    def atomic_output():
+        with cli.atomic_output(os.path.join(folder, "f")) as tmp:
+            open(tmp, "w").close()
+
+    def atomic_write():
+        with paths.atomic_write(os.path.join(folder, "f")) as fh:
+            fh.write(b"x")
+
+    def atomic_dir():
+        with paths.atomic_dir(os.path.join(folder, "dir")):
+            pass
+
+    def save_index():
+        neox_index._save_atomic(os.path.join(folder, "i.npy"), np.arange(3))
+
+    def shard():
+        shards.shard(src, shard_size=8)
+
+    def unshard():
+        first = shards.shard_paths(os.path.join(folder, "s"), 2)[0]
+        shards.unshard(first, 2, output=os.path.join(folder, "merged.bin"))
+
+    return {"builder_init": builder_init, "builder_finalize": builder_finalize,
+            "atomic_output": atomic_output, "atomic_write": atomic_write,
+            "atomic_dir": atomic_dir, "save_index": save_index, "shard": shard,
+            "unshard": unshard}
+
+
+@pytest.mark.parametrize("writer", ["builder_init", "builder_finalize", "atomic_output",
+                                    "atomic_write", "atomic_dir", "save_index", "shard",
+                                    "unshard"])
+def test_sigterm_as_the_temporary_is_created_leaves_nothing(tmp_path, monkeypatch, writer):
+    import signal
+    import tempfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = {}
+    if writer == "shard":
+        (out / "src.bin").write_bytes(bytes(range(20)))
+    if writer == "unshard":
+        for i, p in enumerate(shards.shard_paths(str(out / "s"), 2)):
+            open(p, "wb").write(bytes([i]) * 8)
+    inputs = set(os.listdir(out))
+    created = []
+
+    def signalling(real):
+        def make(*a, **kw):
+            made = real(*a, **kw)
+            created.append(made)
+            if len(created) == (2 if writer == "builder_finalize" else 1):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode
+            return made
+        return make
+
+    monkeypatch.setattr(tempfile, "mkstemp", signalling(tempfile.mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", signalling(tempfile.mkdtemp))
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.exit_on_sigterm("writer")
+        with pytest.raises(cli.Terminated) as e:
+            _writers(str(out))[writer]()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 143
+    assert created, "the writer made no temporary (the test would check nothing)"
+    assert set(os.listdir(out)) == inputs

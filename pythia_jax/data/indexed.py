@@ -34,6 +34,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pythia_jax import paths
 from pythia_jax.data.errors import IndexedDatasetError, IndexedDatasetIndexError
 from pythia_jax.data.source import (Layout, TokenBytes, check_total_size, dataset_exists, locate,
                                     read_index, verify_hashes)
@@ -422,12 +423,22 @@ class MMapIndexedDatasetBuilder:
         dtype_code(self.dtype)  # reject dtypes without a code early
         folder = os.path.dirname(os.path.abspath(self.prefix))
         base = os.path.basename(self.prefix)
-        fd, self._bin_tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.bin.", suffix=".tmp")
-        self._data_file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self._bin_tmp: str | None = None
         self._idx_tmp: str | None = None
+        self._data_file = None
         self._sizes = array("q")
         self._doc_idx = array("q", [0])
         self._done = False
+        try:
+            # A SIGTERM between the creation and the recording of the name would leave the
+            # temporary behind: it is held until both are done, then lands in this `try`.
+            with paths.sigterm_held():
+                fd, self._bin_tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.bin.",
+                                                     suffix=".tmp")
+                self._data_file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def num_items(self) -> int:
@@ -477,8 +488,9 @@ class MMapIndexedDatasetBuilder:
             self._data_file.close()
             idx_dest = os.fspath(index_file) if index_file is not None else self.prefix + ".idx"
             folder = os.path.dirname(os.path.abspath(idx_dest))
-            fd, self._idx_tmp = tempfile.mkstemp(
-                dir=folder, prefix=f".{os.path.basename(idx_dest)}.", suffix=".tmp")
+            with paths.sigterm_held():
+                fd, self._idx_tmp = tempfile.mkstemp(
+                    dir=folder, prefix=f".{os.path.basename(idx_dest)}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(_index_bytes(self.dtype, np.frombuffer(self._sizes, np.int64),
                                      np.frombuffer(self._doc_idx, np.int64)))

@@ -28,6 +28,7 @@ import warnings
 
 import numpy as np
 
+from pythia_jax import paths as _paths
 from pythia_jax.data.indexed import IndexedDatasetError, IndexedDatasetIndexError, \
     MMapIndexedDataset
 
@@ -132,13 +133,16 @@ def index_cache_paths(prefix: str, num_samples: int, seq_len: int, seed: int,
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        with _paths.sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                       suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr, allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         raise
 

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 
+from pythia_jax import paths as _paths
 from pythia_jax.data.errors import ShardError
 
 __all__ = ["ShardError", "parse_shard_name", "shard_paths", "read_hash_list", "unshard", "shard",
@@ -121,10 +122,13 @@ def unshard(first_shard: str, num_shards: int | None = None, output: str | None 
     buf = bytearray(chunk)
     view = memoryview(buf)
     bar = _progress(total, os.path.basename(output), progress)
-    # the temporary file is created last, right before the block that removes it on any
-    # exception (Ctrl-C / SIGTERM included)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    # the temporary file is created last, inside the block that removes it on any exception
+    # (Ctrl-C / SIGTERM included)
+    tmp = None
     try:
+        with _paths.sigterm_held():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.",
+                                       suffix=".tmp")
         with os.fdopen(fd, "wb") as out:
             for p in paths:
                 h = hashlib.sha256() if table is not None else None
@@ -154,7 +158,7 @@ def unshard(first_shard: str, num_shards: int | None = None, output: str | None 
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, output)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         raise
     finally:
@@ -180,9 +184,11 @@ def shard(path: str, shard_size: int = 5_000_000_000, chunk: int = CHUNK) -> lis
         with open(path, "rb", buffering=0) as f:
             for out in outs:
                 left = shard_size
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
-                                           prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-                temps.append(tmp)
+                with _paths.sigterm_held():  # the name is recorded before a SIGTERM lands
+                    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
+                                               prefix=f".{os.path.basename(out)}.",
+                                               suffix=".tmp")
+                    temps.append(tmp)
                 with os.fdopen(fd, "wb") as g:
                     while left:
                         k = f.readinto(memoryview(buf)[:min(len(buf), left)])

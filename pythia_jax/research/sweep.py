@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 import pythia_jax
+from pythia_jax import paths
 from pythia_jax.research.stream import PYTHIA_CHECKPOINT_STEPS
 
 __all__ = ["Revision", "SweepError", "resolve_revisions", "fingerprint", "sweep", "plot_sweep",
@@ -359,13 +360,15 @@ def plot_sweep(rows: Sequence[Mapping[str, str]], metric: str, path: str, *,
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot.", suffix=".png")
-    os.close(fd)
+    tmp = None
     try:
+        with paths.sigterm_held():  # no SIGTERM between the creation and the cleanup block
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot.", suffix=".png")
+        os.close(fd)
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
