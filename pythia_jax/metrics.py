@@ -117,6 +117,62 @@ def _wandb_run(project: str, config: Mapping | None, local_dir: str | None):
                       resume="allow")
 
 
+class EventFile:
+    """A TensorBoard event file of scalars, written in the calling thread (tensorboardX's
+    record format; `tensorboardX` is the optional dependency).
+
+    Not tensorboardX's `SummaryWriter`: that one writes from a thread of its own, so a write
+    error (a full disk) kills the thread with a traceback on stderr, its queue then fills and
+    the caller's next `add_scalar` blocks forever, and its exit-time callback fails again.
+    Here a failed write raises where the scalar is added (or at `flush`/`close`), the file is
+    closed either way, and nothing runs at exit. Buffered; flushed every `flush_secs`."""
+
+    def __init__(self, logdir: str, flush_secs: float = 30.0):
+        import socket
+
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.record_writer import RecordWriter
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = event_pb2.Event, scalar
+        os.makedirs(logdir, exist_ok=True)
+        # TensorBoard reads every file with "tfevents" in its name; the pid and a count keep a
+        # resume within the same second from truncating the earlier run's file
+        stem = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}."
+                                    f"{socket.gethostname()}.{os.getpid()}")
+        self.path, n = stem, 0
+        while os.path.exists(self.path):
+            n += 1
+            self.path = f"{stem}.{n}"
+        self._records = RecordWriter(self.path)
+        self._flush_secs = float(flush_secs)
+        self._flushed_at = time.monotonic()
+        try:
+            self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+        except BaseException:
+            self._records.close()
+            raise
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(self._event(wall_time=time.time(), step=int(step),
+                                summary=self._scalar(tag, float(value))))
+        if time.monotonic() - self._flushed_at >= self._flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        self._records.flush()  # flush and fsync
+        self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._records.close()  # closes the file even when its last flush fails
+
+
 class MetricsWriter:
     """Console progress bar + `metrics.jsonl` + TensorBoard event files in `workdir` (a local
     folder or a URL; see the module docstring for remote workdirs).
@@ -165,8 +221,7 @@ class MetricsWriter:
             self._jsonl = open(local_jsonl, "a", encoding="utf-8")
             self._local_tb = local_tb
             try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=local_tb, purge_step=None, flush_secs=30)
+                self._tb = EventFile(local_tb, flush_secs=30)
             except ImportError:  # optional dependency: log to the console and JSONL only
                 self._tb = None
             if wandb_project:
@@ -199,7 +254,7 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, global_step=int(step))
+                    self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -243,12 +298,19 @@ class MetricsWriter:
         self._synced_at = time.monotonic()
 
     def close(self) -> None:
+        """Close every part; when one fails (a full disk) the others are still closed before the
+        error goes on, and no event file is left open for an exit-time flush to fail on."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        tb, self._tb = self._tb, None
+        try:
+            if tb is not None:
+                tb.close()
+        finally:
+            self._close_rest()
+
+    def _close_rest(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

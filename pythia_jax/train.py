@@ -1266,8 +1266,10 @@ def _train_locked(config, workdir, setup, lock, mesh, mcfg, train_order, eval_or
                 if not (eval_every and step % eval_every == 0 and step > start):
                     summary["eval_loss"] = run_eval(state, step)
     finally:
-        ckpts.close()
-        writer.close()
+        try:
+            ckpts.close()
+        finally:  # closed even when the checkpoint close fails (a full disk)
+            writer.close()
 
     summary["state"] = state
     summary["setup"] = setup

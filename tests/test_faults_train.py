@@ -3,13 +3,13 @@ test fails when its handling breaks (see docs/faults.md)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import types
 
 import numpy as np
@@ -49,48 +49,6 @@ def test_saved_directories_get_the_umask_mode(tmp_path, umask):
     for d in (hf_dir, jax_dir):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o777 & ~umask, d
     assert stat.S_IMODE(os.stat(tmp_path / "note.txt").st_mode) == 0o666 & ~umask
-
-
-# -- the SIGTERM window between a temporary's creation and its cleanup block ---------------------
-class _Stop(Exception):
-    pass
-
-
-@pytest.mark.parametrize("which", ["atomic_dir", "atomic_write", "atomic_output"])
-def test_sigterm_right_after_temp_creation_leaves_nothing(tmp_path, monkeypatch, which):
-    """SIGTERM arrives the moment mkdtemp/mkstemp returns (sent by the process to itself): it
-    must be handled inside the block that removes the temporary, not before it."""
-    from pythia_jax import cli
-    real_dtemp, real_stemp = tempfile.mkdtemp, tempfile.mkstemp
-
-    def signalled(real):
-        def create(*a, **k):
-            out = real(*a, **k)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        return create
-
-    monkeypatch.setattr(tempfile, "mkdtemp", signalled(real_dtemp))
-    monkeypatch.setattr(tempfile, "mkstemp", signalled(real_stemp))
-
-    def handler(signum, frame):
-        raise _Stop
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        with pytest.raises(_Stop):
-            if which == "atomic_dir":
-                with paths.atomic_dir(tmp_path / "d"):
-                    pass
-            elif which == "atomic_write":
-                with paths.atomic_write(tmp_path / "f", "wb") as fh:
-                    fh.write(b"x")
-            else:
-                with cli.atomic_output(tmp_path / "f"):
-                    pass
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    assert os.listdir(tmp_path) == []
 
 
 # -- item 14: hf.write_safetensors writes under a temporary name -----------------------------------
@@ -458,6 +416,46 @@ def test_full_disk_while_training_is_one_line_naming_the_last_good_checkpoint(
         assert latest in (0, 1)
         pythia_jax.from_pretrained(last)  # intact (its checksums verified)
     assert not (w / "train.lock").exists()
+
+
+_FULL_DISK_METRICS = r"""
+import os, resource, signal, sys
+from pythia_jax.metrics import MetricsWriter
+w = MetricsWriter(sys.argv[1], total_steps=1, progress_bar=False, enabled=True)
+w.write(0, {"loss": 1.0}, console=False)
+w.flush()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    for i in range(1, 5000):  # metrics.jsonl and the event file grow past the limit
+        w.write(i, {"loss": 1.0, "lr": 1e-4, "grad_norm": 0.5}, console=False)
+        if i % 100 == 0:
+            w.flush()
+except OSError as e:
+    print("write raised errno", e.errno, flush=True)
+try:
+    w.close()
+except OSError as e:
+    print("close raised errno", e.errno, flush=True)
+print("closed", w._tb is None and w._jsonl is None, flush=True)
+"""
+
+
+def test_metrics_on_a_full_disk_raise_in_the_caller_and_leave_nothing_for_exit(tmp_path):
+    """The metrics files hit a full disk (a 4 KiB file-size limit): the write error reaches the
+    training loop in its own thread, `close` closes every part, and the process exits with no
+    late report. (tensorboardX's `SummaryWriter`, used before, wrote from a thread that died on
+    the error with a traceback, after which its full queue blocked the next scalar for good,
+    and its exit-time callback failed again with "Exception ignored in atexit callback".)"""
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK_METRICS, str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.splitlines()
+    assert out[0] == f"write raised errno {errno.EFBIG}", r.stdout + r.stderr[-2000:]
+    assert out[-1] == "closed True", r.stdout
+    assert r.stderr.strip() == "", r.stderr[-3000:]
+    assert list((tmp_path / "tensorboard").iterdir())  # the event file was being written
 
 
 def test_quiet_closed_loop_hook_drops_only_the_late_callback_reports():

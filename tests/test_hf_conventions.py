@@ -239,3 +239,56 @@ def test_wandb_writer_logs_the_training_scalars_offline(tmp_path, monkeypatch):
     assert runs and runs[0].project == "pythia-runs"
     config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
     assert config["model"] == {"hidden_size": 24}, config
+
+
+def _event_records(path):
+    """The `Event` protos of a TensorBoard event file (TFRecord framing: u64 length, masked
+    crc32c of the length, the bytes, masked crc32c of the bytes; every crc checked)."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto import event_pb2
+
+    def masked(b):
+        c = crc32c(b)
+        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    data, pos, out = open(path, "rb").read(), 0, []
+    while pos < len(data):
+        head = data[pos:pos + 8]
+        (n,), (hc,) = struct.unpack("<Q", head), struct.unpack("<I", data[pos + 8:pos + 12])
+        body = data[pos + 12:pos + 12 + n]
+        (bc,) = struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])
+        assert hc == masked(head) and bc == masked(body), f"{path}: bad crc at byte {pos}"
+        ev = event_pb2.Event()
+        ev.ParseFromString(body)
+        out.append(ev)
+        pos += 16 + n
+    return out
+
+
+def test_tensorboard_event_file_holds_the_scalars_and_a_resume_adds_a_file(tmp_path):
+    """The event file is TensorBoard's format (version record first, then one scalar summary
+    per metric and step), and a resumed writer in the same second starts a second file
+    instead of truncating the first."""
+    from pythia_jax import metrics
+    for start in (0, 2):
+        w = metrics.MetricsWriter(str(tmp_path), total_steps=4, progress_bar=False,
+                                  enabled=True, resume_step=start or None)
+        for step in (start + 1, start + 2):
+            w.write(step, {"loss": 1.0 / step, "lr": 1e-3 * step, "note": "text"},
+                    console=False)
+        w.close()
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 2, files
+    seen = {}
+    for f in files:
+        events = _event_records(f)
+        assert events[0].file_version == "brain.Event:2"
+        for ev in events[1:]:
+            (v,) = ev.summary.value
+            seen[(v.tag, ev.step)] = v.simple_value
+    assert seen.keys() == {(f"train/{k}", s) for k in ("loss", "lr") for s in (1, 2, 3, 4)}
+    for s in (1, 2, 3, 4):
+        assert seen[("train/loss", s)] == pytest.approx(1.0 / s)
+        assert seen[("train/lr", s)] == pytest.approx(1e-3 * s)
