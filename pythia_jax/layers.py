@@ -175,6 +175,10 @@ SITES = (
 #: sites outside the layers (applied by the model, `layer` = None)
 MODEL_SITES = ("ln_final.hook_normalized",)  # [B, T, D] the final LayerNorm's output
 _ROTARY_SITES = frozenset({"attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_pattern"})
+#: the sites between the QKV projection and the output projection (none of them exists on the
+#: packed attention path, which hands the projection's output to the kernel as it is)
+_ATTENTION_SITES = frozenset({"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"}
+                             | _ROTARY_SITES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +299,13 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
     `pattern`, when not None, is a function the step must apply to the softmax probabilities
     [B, N, T, S] (and use its result), given only when the pattern site is tapped.
     `captured`: {site: value} for the sites `taps` captures ({} without taps).
+
+    Packed attention: when `attention` has a `packed` step (`packed(qkv, *, num_heads,
+    rotary) -> o`, with `packed.supported(B, T, N, H, dtype, rotary_dim)`) and it supports the
+    shapes, the rotary is fused and no site between the projections is tapped, the QKV
+    projection's output [B, T, 3*N*H] goes to it as the matmul wrote it and its [B, T, N*H]
+    output to the output projection: no split, transpose or stack of q, k, v on either side
+    (the kernel reads them in place). Same math as the split path.
     """
     cdt = dtype_of(cfg.dtype)
     eps = cfg.layer_norm_eps
@@ -305,11 +316,24 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
 
     x = site("hook_resid_pre", x)
     a = layout.norm(x, p["ln1_scale"], p["ln1_bias"], eps)
+    fused = fused_rotary and not (taps is not None and taps.touches(_ROTARY_SITES))
+    packed = getattr(attention, "packed", None)
+    N, H = cfg.num_heads, cfg.head_dim
+    if (packed is not None and fused and state is None and not layout.feature_major
+            and not (taps is not None and taps.touches(_ATTENTION_SITES))
+            and packed.supported(x.shape[0], x.shape[1], N, H, cdt, rope[0].shape[-1])):
+        D3 = 3 * N * H
+        qkv = layout.dense(a, p["qkv_kernel"].reshape(-1, D3), p["qkv_bias"].reshape(D3), 1,
+                           cdt)
+        qkv = layout.constrain(qkv, ("batch", "length", None))
+        o = checkpoint_name(packed(qkv, num_heads=N, rotary=rope), "attn_out")
+        attn_out = site("hook_attn_out", layout.dense(o, p["out_kernel"].reshape(N * H, -1),
+                                                      p["out_bias"], 1, cdt))
+        return _mlp_and_residual(cfg, p, x, attn_out, layout, site, captured, state)
     q, k, v = layout.split_heads(layout.dense(a, p["qkv_kernel"], p["qkv_bias"], 1, cdt))
     q = site("attn.hook_q", q)  # [B, T, N, H]
     k = site("attn.hook_k", k)
     v = site("attn.hook_v", v)
-    fused = fused_rotary and not (taps is not None and taps.touches(_ROTARY_SITES))
     if not fused:
         q = site("attn.hook_rot_q", apply_rotary(q, *rope))
         k = site("attn.hook_rot_k", apply_rotary(k, *rope))
@@ -323,6 +347,14 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
     o = site("attn.hook_z", checkpoint_name(o, "attn_out"))
     attn_out = site("hook_attn_out", layout.dense(layout.merge_heads(o), p["out_kernel"],
                                                   p["out_bias"], 2, cdt))
+    return _mlp_and_residual(cfg, p, x, attn_out, layout, site, captured, state)
+
+
+def _mlp_and_residual(cfg, p, x, attn_out, layout, site, captured, state):
+    """The rest of `decoder_layer` after the attention output: the MLP on its own LayerNorm
+    and the (parallel or sequential) residual."""
+    cdt = dtype_of(cfg.dtype)
+    eps = cfg.layer_norm_eps
     if cfg.use_parallel_residual:
         m = layout.norm(x, p["ln2_scale"], p["ln2_bias"], eps)
     else:

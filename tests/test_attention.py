@@ -20,7 +20,8 @@ from flax import nnx
 from pythia_jax import attention
 from pythia_jax.attention import attend, resolve_impl
 from pythia_jax.attention import pallas_tpu
-from pythia_jax.attention.pallas_tpu import BlockSizes, UnsupportedShapeError, pallas_attention
+from pythia_jax.attention.pallas_tpu import (BlockSizes, UnsupportedShapeError, pallas_attention,
+                                             pallas_attention_packed)
 from pythia_jax.attention.xla import xla_attention
 from pythia_jax.config import ModelConfig
 from pythia_jax.layers import apply_rotary, rotary_tables
@@ -103,6 +104,64 @@ def test_fused_rotary_equals_rotary_then_attention(H):
     _assert_close(got, _fwd_bwd(ref, q, k, v, do), ["o", "dq", "dk", "dv"])
     # Not a no-op: without the rotary the output is different.
     assert float(jnp.max(jnp.abs(got[0] - xla_attention(q, k, v)))) > 1e-2
+
+
+def _packed(q, k, v):
+    """q, k, v [B, T, N, H] as the QKV projection's [B, T, 3*N*H] output."""
+    B, T, N, H = q.shape
+    return jnp.concatenate([x.reshape(B, T, N * H) for x in (q, k, v)], axis=-1)
+
+
+@pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (64, 2, "T256-b128"),
+                                      (32, 4, "T256-b128")])
+def test_flat_layouts_put_several_heads_in_one_lane_block(H, N, case):
+    """head_dim < 128: the flat layouts take 128 // H heads per 128-lane block (each head's
+    scores from its own lanes only). 'BTNH' on a [B, T, N*H] view, and the packed entry point,
+    which reads q, k, v in place from one [B, T, 3*N*H] array and returns the gradient as one
+    such array, equal the f32 reference: o, lse and the gradients, fused rotary included."""
+    T, blocks = BLOCK_CASES[case]
+    B = 2
+    q, k, v, do = _inputs(B, T, N, H, seed=2)
+    assert pallas_tpu.heads_per_block(H, N) == 128 // H
+    want = _fwd_bwd(lambda q, k, v: xla_attention(q, k, v, return_lse=True), q, k, v, do)
+    got = _fwd_bwd(lambda q, k, v: pallas_attention(q, k, v, block_sizes=blocks,
+                                                    return_lse=True, layout="BTNH"), q, k, v, do)
+    _assert_close(got, want, ["o", "lse", "dq", "dk", "dv"])
+
+    def packed(q, k, v):
+        o, lse = pallas_attention_packed(_packed(q, k, v), num_heads=N, block_sizes=blocks,
+                                         return_lse=True)
+        return o.reshape(q.shape), lse
+    _assert_close(_fwd_bwd(packed, q, k, v, do), want, ["o", "lse", "dq", "dk", "dv"])
+    # the gradient with respect to the one array is the three gradients side by side
+    qkv = _packed(q, k, v)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(pallas_attention_packed(
+        x, num_heads=N, block_sizes=blocks) * do.reshape(B, T, N * H))))(qkv)
+    np.testing.assert_allclose(g, _packed(*want[2:]), atol=1e-5, rtol=1e-5)
+
+    pos = jnp.arange(T, dtype=jnp.int32)[None, :] + jnp.array([[0], [37]], jnp.int32)
+    cos, sin = rotary_tables(pos, H // 4, 10000.0)
+    want = _fwd_bwd(lambda q, k, v: apply_rotary_attention(q, k, v, cos, sin), q, k, v, do)
+    got = _fwd_bwd(lambda q, k, v: pallas_attention_packed(
+        _packed(q, k, v), num_heads=N, block_sizes=blocks, rotary=(cos, sin)).reshape(q.shape),
+        q, k, v, do)
+    _assert_close(got, want, ["o", "dq", "dk", "dv"])
+
+
+def test_flat_layouts_name_the_shapes_they_cannot_take():
+    q, k, v, _ = _inputs(1, 128, 3, 64)  # 3 heads of 64: two per block leaves one over
+    with pytest.raises(UnsupportedShapeError, match="head_dim=64, heads=3"):
+        pallas_attention(q, k, v, layout="BTNH")
+    with pytest.raises(UnsupportedShapeError, match="head_dim=64, heads=3"):
+        pallas_attention_packed(_packed(q, k, v), num_heads=3)
+    q, k, v, _ = _inputs(1, 128, 2, 80)  # 80 neither divides nor is a multiple of 128
+    with pytest.raises(UnsupportedShapeError, match="head_dim=80"):
+        pallas_attention_packed(_packed(q, k, v), num_heads=2)
+    with pytest.raises(UnsupportedShapeError, match=r"3 \* num_heads \(7\)"):
+        pallas_attention_packed(_packed(q, k, v), num_heads=7)  # 480 is not 3 * 7 * H
+    with pytest.raises(UnsupportedShapeError, match=r"expected qkv \[B, T, 3\*N\*H\]"):
+        pallas_attention_packed(q, num_heads=2)
+    assert pallas_tpu.heads_per_block(80, 2) is None and pallas_tpu.heads_per_block(256, 3) == 1
 
 
 def test_cost_estimate_counts_the_fused_rotary():
@@ -528,6 +587,46 @@ def test_model_pallas_matches_xla(model_reference, model_unfused_pallas):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
+def _fwd_kernel_qkv(model, ids, **kwargs):
+    """(shape of the forward kernel's q operand, whether q, k and v are one array) per call."""
+    graphdef, state = nnx.split(model)
+    calls = _pallas_calls(lambda state: nnx.merge(graphdef, state)(ids, **kwargs), state)
+    return [(tuple(e.invars[0].aval.shape), e.invars[0] is e.invars[1] is e.invars[2])
+            for e in calls if e.params["name"] == "pythia_flash_fwd"]
+
+
+def test_model_hands_the_qkv_projection_to_the_kernel_in_place(model_reference,
+                                                               model_unfused_pallas):
+    """With rotary fused, the layer gives the kernel the QKV matmul's [B, T, 3*D] output as it
+    is (the same array for q, k and v: no split or transpose), and the kernel's [B, T, D]
+    output goes straight to the output projection: same loss, logits and gradients as the
+    split path (fp32, 1e-5). Rotary outside the kernel, or a tapped q/k/v/z site, keeps the
+    split [B, N, T, H] operands."""
+    from pythia_jax.layers import Taps
+    ids = model_reference[0]
+    B, T = ids.shape
+    D = _MODEL_CFG.hidden_size
+    model = GPTNeoX(_MODEL_CFG.replace(attention_impl="pallas"), rngs=nnx.Rngs(1))
+    nnx.update(model, nnx.state(GPTNeoX(_MODEL_CFG, rngs=nnx.Rngs(0))))
+    assert _fwd_kernel_qkv(model, ids) == [((B, T, 3 * D), True)]
+    N, H = _MODEL_CFG.num_heads, _MODEL_CFG.head_dim
+    split = [((B, N, T, H), False)]
+    assert _fwd_kernel_qkv(model, ids, taps=Taps(capture={"attn.hook_z"})) == split
+    assert _fwd_kernel_qkv(model, ids, taps=Taps(capture={"hook_attn_out"})) == \
+        [((B, T, 3 * D), True)]  # a site outside the projections does not need the split
+    unfused = GPTNeoX(_MODEL_CFG.replace(attention_impl="pallas", fused_rotary=False),
+                      rngs=nnx.Rngs(0))
+    assert _fwd_kernel_qkv(unfused, ids) == split
+    loss, logits, g = _logits_and_grads(model, ids)
+    loss_u, logits_u, g_u = model_unfused_pallas
+    np.testing.assert_allclose(loss, loss_u, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, logits_u, atol=1e-5, rtol=1e-5)
+    flat, flat_u = jax.tree.leaves(g), jax.tree.leaves(g_u)
+    assert len(flat) == len(flat_u) > 0
+    for a, b in zip(flat, flat_u):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_reference):
     """The fusion is decided where `attend` resolves the impl: fused whenever that is our
     kernel (`pallas`, or `auto` picking it) unless fused_rotary=False. The TPU choice of `auto`
@@ -615,6 +714,33 @@ _SHARDED = textwrap.dedent("""
         assert got[-1].sharding.spec == P("data", None, "tensor", None), got[-1].sharding
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+    # The packed path (q, k, v in place in one [B, T, 3*N*H] array) runs per batch shard; a
+    # mesh that splits the heads cannot split that array along them, so it is not offered.
+    from pythia_jax.attention import attend_packed, packed_supported
+    with logical_rules(mesh):
+        assert not packed_supported("pallas", B, T, N, H, jnp.float32, rotary_dim=H // 4)
+    mesh4 = Mesh(np.array(jax.devices()).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+    B4 = 4
+    q4, k4, v4, do4 = (jax.random.normal(kk, (B4, T, N, H)) for kk in ks)
+    c4, s4 = rotary_tables(jnp.broadcast_to(jnp.arange(T), (B4, T)), H // 4, 10000.0)
+    qkv = jax.device_put(jnp.concatenate([x.reshape(B4, T, N * H) for x in (q4, k4, v4)], -1),
+                         NamedSharding(mesh4, P("data", None, None)))
+    with logical_rules(mesh4):
+        assert packed_supported("pallas", B4, T, N, H, jnp.float32, rotary_dim=H // 4)
+    def fp(x):
+        with logical_rules(mesh4):
+            return attend_packed(x, num_heads=N, rotary=(c4, s4))
+    def both(x):
+        o, vjp = jax.vjp(fp, x)
+        return o, vjp(do4.reshape(B4, T, N * H))[0]
+    o4, g4 = jax.jit(both)(qkv)
+    assert o4.sharding.spec == P("data", None, None), o4.sharding
+    ref = lambda q, k, v: xla_attention(apply_rotary(q, c4, s4), apply_rotary(k, c4, s4), v)
+    o_ref, vjp = jax.vjp(ref, q4, k4, v4)
+    np.testing.assert_allclose(o4.reshape(B4, T, N, H), o_ref, atol=1e-5, rtol=1e-5)
+    g_ref = jnp.concatenate([x.reshape(B4, T, N * H) for x in vjp(do4)], -1)
+    np.testing.assert_allclose(g4, g_ref, atol=1e-5, rtol=1e-5)
     print("SHARDED-OK")
 """)
 

@@ -31,13 +31,14 @@ from jax.sharding import PartitionSpec
 
 from pythia_jax.attention import cudnn, splash
 from pythia_jax.attention.pallas_tpu import (BlockSizes, UnsupportedShapeError, check_supported,
-                                             pallas_attention)
+                                             heads_per_block, pallas_attention,
+                                             pallas_attention_packed)
 from pythia_jax.attention.target import current_platform, target_platform
 from pythia_jax.attention.xla import xla_attention
 from pythia_jax.layers import apply_rotary
 from pythia_jax.sharding import active_mesh, logical_to_spec
 
-__all__ = ["attend", "resolve_impl", "xla_attention", "pallas_attention", "BlockSizes",
+__all__ = ["attend", "attend_packed", "packed_supported", "resolve_impl", "xla_attention", "pallas_attention", "BlockSizes",
            "UnsupportedShapeError", "IMPLS", "AUTO_TPU_PREFERENCE", "AUTO_TPU_ENV",
            "target_platform", "current_platform"]
 
@@ -176,6 +177,60 @@ def attend(q, k, v, *, impl: str = "xla", causal: bool = True, mask=None, rotary
     else:
         fn = functools.partial(_cudnn, causal=causal)
     return _shard_mapped(fn, q, k, v, rotary)
+
+
+def _heads_split(mesh) -> bool:
+    """Whether the active rules split the heads over mesh axes of more than one device."""
+    axes = logical_to_spec(("act_heads",))[0]
+    if mesh is None or axes is None:
+        return False
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return size > 1
+
+
+def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
+                     rotary_dim: int | None) -> bool:
+    """Whether `attend_packed` runs for these shapes: `impl` is our Pallas kernel ("pallas", or
+    "auto" where it picks it; never a fallback), the kernel takes the shapes with
+    `heads_per_block(H, N)` heads per lane block, and no mesh axis splits the heads (the flat
+    [B, T, 3*N*H] array would not split along them). Else the layer splits q, k, v and calls
+    `attend` as always."""
+    if impl == "auto":
+        if current_platform() != "tpu" or _tpu_choice() != "pallas":
+            return False
+    elif impl != "pallas":
+        return False
+    if heads_per_block(H, N) is None or _heads_split(active_mesh()):
+        return False
+    try:
+        check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=True)
+    except UnsupportedShapeError:
+        return False
+    return True
+
+
+def attend_packed(qkv, *, num_heads: int, rotary=None, block_sizes: BlockSizes | None = None,
+                  interpret=None):
+    """Causal self-attention of our Pallas kernel on the QKV projection's output as it is:
+    qkv [B, T, 3*N*H] (q, k, v thirds, heads interleaved [N, H]) -> o [B, T, N*H]; rotary
+    fused (`rotary=(cos_BTR, sin_BTR)`, q and k un-rotated). Only where `packed_supported`
+    says so (the caller checks). Under an active mesh it runs per batch shard in
+    `jax.shard_map` (the heads are whole there)."""
+    fn = functools.partial(pallas_attention_packed, num_heads=num_heads, causal=True,
+                           block_sizes=block_sizes, interpret=interpret)
+    mesh = active_mesh()
+    if mesh is None:
+        return fn(qkv, rotary=rotary)
+    spec = PartitionSpec(logical_to_spec(("batch",))[0], None, None)
+    if rotary is None:
+        return jax.shard_map(lambda x: fn(x, rotary=None), mesh=mesh, in_specs=(spec,),
+                             out_specs=spec, check_vma=False)(qkv)
+    return jax.shard_map(lambda x, c, s: fn(x, rotary=(c, s)), mesh=mesh,
+                         in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(qkv, *rotary)
 
 
 def _pallas(q, k, v, rotary, *, causal, block_sizes, interpret):

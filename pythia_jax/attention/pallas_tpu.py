@@ -63,6 +63,8 @@ __all__ = [
     "check_supported",
     "flash_attention",
     "pallas_attention",
+    "pallas_attention_packed",
+    "heads_per_block",
     "SEQ_MULTIPLE",
     "MAX_HEAD_DIM",
 ]
@@ -205,26 +207,92 @@ class _Static:
     N: int = 1
     H: int = 0
     #: "BNTH": arrays [B, N, T, H]; "BTNH": arrays [B, T, N*H] (the model's layout with the head
-    #: axes merged, no transposes; needs H % 128 == 0 for the (8, 128) block rule).
+    #: axes merged, no transposes); "packed": q, k and v are the three thirds of one
+    #: [B, T, 3*N*H] array (the QKV projection's output as it comes out of the matmul), indexed
+    #: in place. The flat layouts take G heads per lane block of width G*H (`G` below).
     layout: str = "BNTH"
+    #: heads per block: 1 for "BNTH"; for the flat layouts the block of the merged axis must
+    #: be a multiple of 128 lanes, so 128 // H heads share one (head_dim 64: 2) when H < 128.
+    G: int = 1
 
     @property
     def offset(self) -> int:  # queries are the last T of the S keys
         return self.S - self.T
 
-    def x_spec(self, rows, index):
-        """BlockSpec of a (rows, H) tile of a q/k/v-like array; index(*grid) -> (b, h, block)."""
+    @property
+    def W(self) -> int:
+        """Lane width of a q/k/v tile: G heads of H channels."""
+        return self.G * self.H
+
+    @property
+    def groups(self) -> int:
+        """The grid's head axis: head groups of G."""
+        return self.N // self.G
+
+    def x_spec(self, rows, index, part: int = 0):
+        """BlockSpec of a (rows, W) tile of a q/k/v-like array; index(*grid) -> (b, h, block).
+        `part` (layout "packed"): 0, 1, 2 for the q, k, v third of the QKV array."""
         sq = pl.squeezed
         if self.layout == "BNTH":
             def imap(*g):
                 b, h, blk = index(*g)
                 return b, h, blk, 0
             return pl.BlockSpec((sq, sq, rows, self.H), imap)
+        lane0 = part * self.groups if self.layout == "packed" else 0
 
         def imap_flat(*g):
             b, h, blk = index(*g)
-            return b, blk, h
-        return pl.BlockSpec((sq, rows, self.H), imap_flat)
+            return b, blk, lane0 + h
+        return pl.BlockSpec((sq, rows, self.W), imap_flat)
+
+    def row_spec(self, rows, index):
+        """BlockSpec of the [B, N, 1, T] f32 rows (lse, di): the G heads of a block."""
+        def imap(*g):
+            b, h, blk = index(*g)
+            return b, h, 0, blk
+        return pl.BlockSpec((pl.squeezed, self.G, 1, rows), imap)
+
+    def out_shape(self, B, dtype):
+        """Shape of o and dq (dk and dv: the same with S for T)."""
+        if self.layout == "BNTH":
+            return jax.ShapeDtypeStruct((B, self.N, self.T, self.H), dtype)
+        return jax.ShapeDtypeStruct((B, self.T, self.N * self.H), dtype)
+
+    def lane_mask(self, g):
+        """(1, W) bool: the lanes of head g of a block."""
+        lane = lax.broadcasted_iota(jnp.int32, (1, self.W), 1)
+        return (lane >= g * self.H) & (lane < (g + 1) * self.H)
+
+    def only(self, g, x):
+        """x with every lane outside head g zeroed (x itself when a block holds one head)."""
+        if self.G == 1:
+            return x
+        return jnp.where(self.lane_mask(g), x, jnp.zeros((), x.dtype))
+
+    def merge(self, parts):
+        """One (n, W) tile from G per-head accumulators (each valid on its own head's lanes)."""
+        if self.G == 1:
+            return parts[0]
+        out = parts[0]
+        for g in range(1, self.G):
+            out = jnp.where(self.lane_mask(g), parts[g], out)
+        return out
+
+    def rotate(self, x, cos, sin):
+        """`_rotate` on every head of an (n, W) f32 tile."""
+        if self.G == 1:
+            return _rotate(x, cos, sin)
+        H = self.H
+        return jnp.concatenate([_rotate(x[:, g * H:(g + 1) * H], cos, sin)
+                                for g in range(self.G)], axis=1)
+
+    def rotate_t(self, d, cos, sin):
+        """`_rotate_t` on every head of an (n, W) f32 tile."""
+        if self.G == 1:
+            return _rotate_t(d, cos, sin)
+        H = self.H
+        return jnp.concatenate([_rotate_t(d[:, g * H:(g + 1) * H], cos, sin)
+                                for g in range(self.G)], axis=1)
 
 
 def _precision(dtype):
@@ -291,44 +359,49 @@ def _causal_chunks(n: int, causal: bool, chunk, extent) -> None:
 def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
     if st.rotary:
         (q_ref, k_ref, v_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         o_ref, lse_ref, m_sc, l_sc, acc_sc, qrot_sc) = refs
+         o_ref, lse_ref, m_sc, l_sc, acc_sc, *q_sc) = refs
     else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *q_sc = refs
     i, j = pl.program_id(2), pl.program_id(3)
+    G = st.G
 
     @pl.when(j == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-        if st.rotary:
-            qrot_sc[...] = _rotate(q_ref[...].astype(jnp.float32), qc_ref[...],
-                                   qs_ref[...]).astype(qrot_sc.dtype)
+        if q_sc:  # q rotated and/or cut to each head's lanes, once per resident q block
+            q = q_ref[...]
+            if st.rotary:
+                q = st.rotate(q.astype(jnp.float32), qc_ref[...], qs_ref[...]).astype(q.dtype)
+            for g in range(G):
+                q_sc[0][g] = st.only(g, q)
 
     row0 = i * bq + st.offset  # key position of the block's first query
 
     def chunk(c, masked):
         sl = pl.ds(c * bkc, bkc)
-        q = qrot_sc[...] if st.rotary else q_ref[...]
         k = k_ref[sl, :]
         if st.rotary:
-            k = _rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
+            k = st.rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
         v = v_ref[sl, :]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
-        s = s * st.scale
-        if masked:
-            row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-            col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-            s = jnp.where(col <= row, s, MASK_VALUE)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (bq, 128)
-        p = jnp.exp(s - m_new[:, :1])
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_sc[...] = m_new
-        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32,
-                             precision=prec)
-        acc_sc[...] = acc_sc[...] * alpha[:, :1] + pv
+        for g in range(G):  # the lanes of the other heads of q are zero: s is head g's
+            q = q_sc[0][g] if q_sc else q_ref[...]
+            s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+            s = s * st.scale
+            if masked:
+                row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+                s = jnp.where(col <= row, s, MASK_VALUE)
+            m_prev = m_sc[g]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (bq, 128)
+            p = jnp.exp(s - m_new[:, :1])
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[g] = alpha * l_sc[g] + jnp.sum(p, axis=1, keepdims=True)
+            m_sc[g] = m_new
+            pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32,
+                                 precision=prec)  # (bq, W), valid on head g's lanes
+            acc_sc[g] = acc_sc[g] * alpha[:, :1] + pv
 
     # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
     _causal_chunks(bk // bkc, st.causal, chunk,
@@ -336,14 +409,26 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = l_sc[...]
-        o_ref[...] = (acc_sc[...] * (1.0 / l)[:, :1]).astype(o_ref.dtype)
-        lse = m_sc[...] + jnp.log(l)  # (bq, 128), lane-replicated
-        lse_ref[...] = jnp.transpose(lse)[:1, :]
+        outs = []
+        for g in range(G):
+            l = l_sc[g]
+            outs.append(acc_sc[g] * (1.0 / l)[:, :1])
+            lse = m_sc[g] + jnp.log(l)  # (bq, 128), lane-replicated
+            lse_ref[g] = jnp.transpose(lse)[:1, :]
+        o_ref[...] = st.merge(outs).astype(o_ref.dtype)
+
+
+def _q_scratch(st: _Static, rows: int, dtype):
+    """Per-head copies of a resident tile (rotated when fused, cut to one head's lanes when a
+    block holds several): none when the tile is used as it comes."""
+    if st.G == 1 and not st.rotary:
+        return []
+    return [pltpu.VMEM((st.G, rows, st.W), dtype)]
 
 
 def _fwd_call(q, k, v, rot, st: _Static):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
+    NG = st.groups
     bl = st.blocks
     bq, bk, bkc = bl.block_q, bl.block_kv, bl.block_kv_compute
     nq, nk = T // bq, S // bk
@@ -355,10 +440,12 @@ def _fwd_call(q, k, v, rot, st: _Static):
             return b, h, j
     sq = pl.squeezed
     q_spec = st.x_spec(bq, lambda b, h, i, j: (b, h, i))
-    in_specs = [q_spec, st.x_spec(bk, kv_map), st.x_spec(bk, kv_map)]
+    in_specs = [q_spec, st.x_spec(bk, kv_map, 1), st.x_spec(bk, kv_map, 2)]
     args = [q, k, v]
-    scratch = [pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-               pltpu.VMEM((bq, H), jnp.float32)]
+    G, W = st.G, st.W
+    scratch = [pltpu.VMEM((G, bq, NUM_LANES), jnp.float32),
+               pltpu.VMEM((G, bq, NUM_LANES), jnp.float32),
+               pltpu.VMEM((G, bq, W), jnp.float32)] + _q_scratch(st, bq, q.dtype)
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
@@ -366,10 +453,8 @@ def _fwd_call(q, k, v, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
-        scratch.append(pltpu.VMEM((bq, H), q.dtype))
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)]
-    out_specs = [q_spec, pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))]
+    out_shape = [st.out_shape(B, q.dtype), jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)]
+    out_specs = [q_spec, st.row_spec(bq, lambda b, h, i, j: (b, h, i))]
     kernel = functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
@@ -378,14 +463,14 @@ def _fwd_call(q, k, v, rot, st: _Static):
     if st.rotary:  # q once per q block; k per compute chunk that runs
         kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
                                  lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
-        rot_cost = _rotary_cost(B, N, R, rotated_rows=T + ran * bkc,
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=T + ran * bkc, groups=NG,
                                 tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
                                         (bk, kv_seq)])
     cost = _cost(4 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac)) + 4 * B * N * T,
                  rot_cost)
     o, lse = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(B, N, nq, nk), in_specs=in_specs,
+        kernel, out_shape=out_shape, grid=(B, NG, nq, nk), in_specs=in_specs,
         out_specs=out_specs, scratch_shapes=scratch, compiler_params=_compiler_params(3),
         interpret=st.interpret, cost_estimate=cost, name="pythia_flash_fwd",
     )(*args)
@@ -460,11 +545,12 @@ def _table_fetches(seq, B: int, N: int) -> int:
     return B * (changes(None) + (N - 1) * changes(seq[-1]))
 
 
-def _rotary_cost(B, N, R, *, rotated_rows, tables):
+def _rotary_cost(B, N, R, *, rotated_rows, tables, groups):
     """(flops, bytes) of the fused rotary: `rotated_rows` rows of R channels rotated per (batch,
-    head); `tables`: (block rows, index sequence) of each table BlockSpec pair (cos + sin)."""
+    head); `tables`: (block rows, index sequence) of each table BlockSpec pair (cos + sin),
+    fetched once per grid head (`groups`: head groups of G heads sharing a block)."""
     flops = ROTARY_FLOPS_PER_ELEMENT * R * B * N * rotated_rows
-    rows = sum(block * _table_fetches(seq, B, N) for block, seq in tables)
+    rows = sum(block * _table_fetches(seq, B, groups) for block, seq in tables)
     return flops, ROTARY_TABLE_BYTES * R * rows
 
 
@@ -478,41 +564,52 @@ def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0)):
 def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
     if st.rotary:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         dq_ref, dq_sc, qrot_sc) = refs
+         dq_ref, dq_sc, *res_sc) = refs
     else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc = refs
+        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *res_sc = refs
     i, j = pl.program_id(2), pl.program_id(3)
+    G = st.G
+    q_sc = res_sc[0] if (st.rotary or G > 1) else None
+    do_sc = res_sc[-1] if G > 1 else None
 
     @pl.when(j == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
-        if st.rotary:
-            qrot_sc[...] = _rotate(q_ref[...].astype(jnp.float32), qc_ref[...],
-                                   qs_ref[...]).astype(qrot_sc.dtype)
+        if q_sc is not None:
+            q = q_ref[...]
+            if st.rotary:
+                q = st.rotate(q.astype(jnp.float32), qc_ref[...], qs_ref[...]).astype(q.dtype)
+            for g in range(G):
+                q_sc[g] = st.only(g, q)
+        if do_sc is not None:
+            do = do_ref[...]
+            for g in range(G):
+                do_sc[g] = st.only(g, do)
 
     row0 = i * bq + st.offset
 
     def chunk(c, masked):
         sl = pl.ds(c * bkc, bkc)
-        q = qrot_sc[...] if st.rotary else q_ref[...]
         k = k_ref[sl, :]
         if st.rotary:
-            k = _rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
+            k = st.rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
         v = v_ref[sl, :]
-        do = do_ref[...]
-        lse = jnp.expand_dims(lse_ref[0], -1)  # (bq, 1)
-        di = jnp.expand_dims(di_ref[0], -1)
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
-        s = s * st.scale
-        if masked:
-            row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-            col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-            s = jnp.where(col <= row, s, MASK_VALUE)
-        p = jnp.exp(s - lse)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
-        ds = p * (dp - di)
-        dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                      preferred_element_type=jnp.float32, precision=prec)
+        for g in range(G):
+            q = q_ref[...] if q_sc is None else q_sc[g]
+            do = do_ref[...] if do_sc is None else do_sc[g]
+            lse = jnp.expand_dims(lse_ref[g, 0], -1)  # (bq, 1)
+            di = jnp.expand_dims(di_ref[g, 0], -1)
+            s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+            s = s * st.scale
+            if masked:
+                row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+                s = jnp.where(col <= row, s, MASK_VALUE)
+            p = jnp.exp(s - lse)
+            dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
+            ds = p * (dp - di)
+            dq_sc[g] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                        preferred_element_type=jnp.float32, precision=prec)
 
     # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
     _causal_chunks(bk // bkc, st.causal, chunk,
@@ -520,14 +617,15 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        dq = dq_sc[...] * st.scale
+        dq = st.merge([dq_sc[g] for g in range(G)]) * st.scale
         if st.rotary:
-            dq = _rotate_t(dq, qc_ref[...], qs_ref[...])
+            dq = st.rotate_t(dq, qc_ref[...], qs_ref[...])
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
+    NG, G, W = st.groups, st.G, st.W
     bl = st.blocks
     bq, bk, bkc = bl.block_q_dq, bl.block_kv_dq, bl.block_kv_dq_compute
     nq, nk = T // bq, S // bk
@@ -539,11 +637,14 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
             return b, h, j
     sq = pl.squeezed
     q_spec = st.x_spec(bq, lambda b, h, i, j: (b, h, i))
-    row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-    in_specs = [q_spec, st.x_spec(bk, kv_map), st.x_spec(bk, kv_map), q_spec, row_spec,
+    row_spec = st.row_spec(bq, lambda b, h, i, j: (b, h, i))
+    # do (like o, dq) is an array of its own: part 0 of a packed layout is its plain index
+    in_specs = [q_spec, st.x_spec(bk, kv_map, 1), st.x_spec(bk, kv_map, 2), q_spec, row_spec,
                 row_spec]
     args = [q, k, v, do, lse, di]
-    scratch = [pltpu.VMEM((bq, H), jnp.float32)]
+    scratch = [pltpu.VMEM((G, bq, W), jnp.float32)] + _q_scratch(st, bq, q.dtype)
+    if G > 1:  # do cut to each head's lanes
+        scratch.append(pltpu.VMEM((G, bq, W), q.dtype))
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
@@ -551,7 +652,6 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
-        scratch.append(pltpu.VMEM((bq, H), q.dtype))
     kernel = functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
@@ -560,14 +660,14 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
     if st.rotary:  # q once and dq back once per q block; k per compute chunk that runs
         kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
                                  lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
-        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * T + ran * bkc,
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * T + ran * bkc, groups=NG,
                                 tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
                                         (bk, kv_seq)])
     cost = _cost(6 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac)) + 8 * B * N * T,
                  rot_cost)
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(B, N, nq, nk),
+        kernel, out_shape=st.out_shape(B, q.dtype), grid=(B, NG, nq, nk),
         in_specs=in_specs, out_specs=q_spec, scratch_shapes=scratch,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dq",
@@ -579,18 +679,28 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
 def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
     if st.rotary:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         dk_ref, dv_ref, dk_sc, dv_sc, krot_sc) = refs
+         dk_ref, dv_ref, dk_sc, dv_sc, *res_sc) = refs
     else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc, *res_sc = refs
     j, i = pl.program_id(2), pl.program_id(3)
+    G = st.G
+    k_sc = res_sc[0] if (st.rotary or G > 1) else None
+    v_sc = res_sc[-1] if G > 1 else None
 
     @pl.when(i == 0)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
-        if st.rotary:
-            krot_sc[...] = _rotate(k_ref[...].astype(jnp.float32), kc_ref[...],
-                                   ks_ref[...]).astype(krot_sc.dtype)
+        if k_sc is not None:
+            k = k_ref[...]
+            if st.rotary:
+                k = st.rotate(k.astype(jnp.float32), kc_ref[...], ks_ref[...]).astype(k.dtype)
+            for g in range(G):
+                k_sc[g] = st.only(g, k)
+        if v_sc is not None:
+            v = v_ref[...]
+            for g in range(G):
+                v_sc[g] = st.only(g, v)
 
     col0 = j * bk  # position of the block's first key
 
@@ -598,25 +708,26 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
         sl = pl.ds(c * bqc, bqc)
         q = q_ref[sl, :]
         if st.rotary:
-            q = _rotate(q.astype(jnp.float32), qc_ref[sl, :], qs_ref[sl, :]).astype(q.dtype)
-        k = krot_sc[...] if st.rotary else k_ref[...]
-        v = v_ref[...]
+            q = st.rotate(q.astype(jnp.float32), qc_ref[sl, :], qs_ref[sl, :]).astype(q.dtype)
         do = do_ref[sl, :]
-        lse = lse_ref[:, c * bqc:(c + 1) * bqc]  # (1, bqc)
-        di = di_ref[:, c * bqc:(c + 1) * bqc]
-        s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32, precision=prec)
-        s = s * st.scale  # (bk, bqc): rows are keys, columns queries
-        if masked:
-            key = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-            qpos = i * bq + c * bqc + st.offset + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-            s = jnp.where(key <= qpos, s, MASK_VALUE)
-        p = jnp.exp(s - lse)
-        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, _NN,
-                                      preferred_element_type=jnp.float32, precision=prec)
-        dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32, precision=prec)
-        ds = p * (dp - di)
-        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, _NN,
-                                      preferred_element_type=jnp.float32, precision=prec)
+        for g in range(G):
+            k = k_ref[...] if k_sc is None else k_sc[g]
+            v = v_ref[...] if v_sc is None else v_sc[g]
+            lse = lse_ref[g, :, c * bqc:(c + 1) * bqc]  # (1, bqc)
+            di = di_ref[g, :, c * bqc:(c + 1) * bqc]
+            s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32, precision=prec)
+            s = s * st.scale  # (bk, bqc): rows are keys, columns queries
+            if masked:
+                key = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                qpos = i * bq + c * bqc + st.offset + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+                s = jnp.where(key <= qpos, s, MASK_VALUE)
+            p = jnp.exp(s - lse)
+            dv_sc[g] += lax.dot_general(p.astype(do.dtype), do, _NN,
+                                        preferred_element_type=jnp.float32, precision=prec)
+            dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32, precision=prec)
+            ds = p * (dp - di)
+            dk_sc[g] += lax.dot_general(ds.astype(q.dtype), q, _NN,
+                                        preferred_element_type=jnp.float32, precision=prec)
 
     # query chunk c covers rows q0..q0+bqc-1 against key columns col0..col0+bk-1
     _causal_chunks(bq // bqc, st.causal, chunk,
@@ -624,15 +735,16 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
-        dk = dk_sc[...] * st.scale
+        dk = st.merge([dk_sc[g] for g in range(G)]) * st.scale
         if st.rotary:
-            dk = _rotate_t(dk, kc_ref[...], ks_ref[...])
+            dk = st.rotate_t(dk, kc_ref[...], ks_ref[...])
         dk_ref[...] = dk.astype(dk_ref.dtype)
-        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+        dv_ref[...] = st.merge([dv_sc[g] for g in range(G)]).astype(dv_ref.dtype)
 
 
 def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
+    NG, G, W = st.groups, st.G, st.W
     bl = st.blocks
     bq, bk, bqc = bl.block_q_dkv, bl.block_kv_dkv, bl.block_q_dkv_compute
     nq, nk = T // bq, S // bk
@@ -644,11 +756,15 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
             return i
     sq = pl.squeezed
     q_spec = st.x_spec(bq, lambda b, h, j, i: (b, h, q_index(j, i)))
-    kv_spec = st.x_spec(bk, lambda b, h, j, i: (b, h, j))
-    row_spec = pl.BlockSpec((sq, sq, 1, bq), lambda b, h, j, i: (b, h, 0, q_index(j, i)))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    out_spec = st.x_spec(bk, lambda b, h, j, i: (b, h, j))  # dk, dv: arrays of their own
+    row_spec = st.row_spec(bq, lambda b, h, j, i: (b, h, q_index(j, i)))
+    in_specs = [q_spec, st.x_spec(bk, lambda b, h, j, i: (b, h, j), 1),
+                st.x_spec(bk, lambda b, h, j, i: (b, h, j), 2), q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, di]
-    scratch = [pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]
+    scratch = ([pltpu.VMEM((G, bk, W), jnp.float32), pltpu.VMEM((G, bk, W), jnp.float32)]
+               + _q_scratch(st, bk, k.dtype))
+    if G > 1:  # v cut to each head's lanes
+        scratch.append(pltpu.VMEM((G, bk, W), v.dtype))
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
@@ -656,7 +772,6 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, j, i: (b, j, 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
-        scratch.append(pltpu.VMEM((bk, H), k.dtype))
     kernel = functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk, bqc=bqc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
@@ -665,16 +780,17 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
     if st.rotary:  # k once and dk back once per kv block; q per compute chunk that runs
         q_seq, ran = _grid_walk(nk, nq, lambda j, i: _q_block(j, i, bq, bk, st),
                                 lambda j, i: _chunks_run(j, i, bk, bq, bqc, st, kv_walk=False))
-        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * S + ran * bqc,
+        rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * S + ran * bqc, groups=NG,
                                 tables=[(bk, [j for j in range(nk) for _ in range(nq)]),
                                         (bq, q_seq)])
     cost = _cost(8 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (4 * S + 2 * T * max(1, nk * frac))
                  + 8 * B * N * T * max(1, nk * frac), rot_cost)
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    kv_shape = (jax.ShapeDtypeStruct((B, N, S, H), k.dtype) if st.layout == "BNTH"
+                else jax.ShapeDtypeStruct((B, S, N * H), k.dtype))
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(B, N, nk, nq), in_specs=in_specs,
-        out_specs=[kv_spec, kv_spec], scratch_shapes=scratch,
+        kernel, out_shape=[kv_shape, kv_shape], grid=(B, NG, nk, nq), in_specs=in_specs,
+        out_specs=[out_spec, out_spec], scratch_shapes=scratch,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dkv",
     )(*args)
@@ -696,6 +812,12 @@ def _flash_fwd(q, k, v, rot, st: _Static):
 def _flash_bwd(st: _Static, res, cts):
     q, k, v, rot, o, lse = res
     do, dlse = cts
+    dq, dk, dv = _backward(q, k, v, rot, o, lse, do, dlse, st)
+    drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
+    return dq, dk, dv, drot
+
+
+def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static):
     do = do.astype(q.dtype)
     prod = o.astype(jnp.float32) * do.astype(jnp.float32)
     if st.layout == "BNTH":
@@ -707,11 +829,44 @@ def _flash_bwd(st: _Static, res, cts):
         di = di - dlse.astype(jnp.float32)
     dq = _dq_call(q, k, v, do, lse, di, rot, st)
     dk, dv = _dkv_call(q, k, v, do, lse, di, rot, st)
-    drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
-    return dq, dk, dv, drot
+    return dq, dk, dv
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# The packed layout: q, k and v are read in place from the QKV projection's [B, T, 3*N*H]
+# output, and their gradients come back as one array of that shape.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _flash_packed(qkv, rot, st: _Static):
+    return _fwd_call(qkv, qkv, qkv, rot, st)
+
+
+def _flash_packed_fwd(qkv, rot, st: _Static):
+    o, lse = _fwd_call(qkv, qkv, qkv, rot, st)
+    return (o, lse), (qkv, rot, o, lse)
+
+
+def _flash_packed_bwd(st: _Static, res, cts):
+    qkv, rot, o, lse = res
+    do, dlse = cts
+    dq, dk, dv = _backward(qkv, qkv, qkv, rot, o, lse, do, dlse, st)
+    drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
+    return jnp.concatenate([dq, dk, dv], axis=-1), drot
+
+
+_flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
+
+
+def heads_per_block(H: int, N: int) -> int | None:
+    """How many heads share a lane block of the flat layouts ("BTNH", "packed"): 1 when
+    head_dim is a multiple of 128, 128 // H when H divides 128 and N is a multiple of that
+    (head_dim 64: 2), else None (the flat layouts cannot take this shape)."""
+    if H % NUM_LANES == 0:
+        return 1
+    if NUM_LANES % H == 0 and N % (NUM_LANES // H) == 0:
+        return NUM_LANES // H
+    return None
 
 
 def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_sizes,
@@ -719,7 +874,7 @@ def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_s
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     blocks = check_supported((B, N, T, H), (B, N, S, H), rotary_dim=rotary_dim, causal=causal,
                              block_sizes=block_sizes, layout="BNTH")
-    if v.shape != k.shape:
+    if layout != "packed" and v.shape != k.shape:
         raise UnsupportedShapeError(f"pallas attention: v {v.shape} must have k's shape "
                                     f"{k.shape}")
     dtype = q.dtype
@@ -732,10 +887,19 @@ def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_s
                                         f"length, rotary_dim), got {cos.shape} and {sin.shape}")
         rot = (lax.stop_gradient(cos.astype(jnp.float32)),
                lax.stop_gradient(sin.astype(jnp.float32)))
+    G = 1 if layout == "BNTH" else heads_per_block(H, N)
+    if G is None:
+        raise UnsupportedShapeError(
+            f"pallas attention: layout={layout!r} needs head_dim % {NUM_LANES} == 0 or "
+            f"{NUM_LANES} % head_dim == 0 with heads a multiple of {NUM_LANES} // head_dim "
+            f"(lane blocks of {NUM_LANES}), got head_dim={H}, heads={N}")
     st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
                  blocks=blocks, interpret=resolve_interpret(interpret, "pallas"),
-                 rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout)
-    o, lse = _flash(q, k.astype(dtype), v.astype(dtype), rot, st)
+                 rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout, G=G)
+    if layout == "packed":
+        o, lse = _flash_packed(q, rot, st)
+    else:
+        o, lse = _flash(q, k.astype(dtype), v.astype(dtype), rot, st)
     return o, lse[:, :, 0, :]
 
 
@@ -763,10 +927,10 @@ def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: floa
     """Flash attention at the model's layout: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
 
     `layout`: "BNTH" (default) transposes to head-major around the kernels; XLA folds those
-    transposes into the QKV / output projections. "BTNH" (head_dim % 128 == 0 only: a 64- or
-    80-lane block of the merged N*H axis would break the (8, 128) block rule) indexes a free
-    [B, T, N*H] view instead; in a deviceless v5e compile of a Pythia-1.4b-shaped layer it cost
-    more (the merged view forces relayout copies), so it is not the default.
+    transposes into the QKV / output projections. "BTNH" indexes a free [B, T, N*H] view
+    instead, in lane blocks of 128 // head_dim heads (`heads_per_block`; head_dim 64: two heads
+    per block, each masked to its lanes). The model's training path uses
+    `pallas_attention_packed`, which also spares the split of q, k and v.
     """
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     check_supported(q_BTNH.shape, k_BSNH.shape, rotary_dim=rotary_dim, causal=causal,
@@ -775,9 +939,6 @@ def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: floa
     S = k_BSNH.shape[1]
     layout = layout or "BNTH"
     if layout == "BTNH":
-        if H % NUM_LANES:
-            raise UnsupportedShapeError(f"pallas attention: layout='BTNH' needs head_dim % "
-                                        f"{NUM_LANES} == 0, got {H}")
         flat = lambda x: x.reshape(x.shape[0], x.shape[1], N * H)  # noqa: E731  free reshape
         o, lse = _attention(flat(q_BTNH), flat(k_BSNH), flat(v_BSNH), layout="BTNH", B=B, N=N,
                             T=T, S=S, H=H, causal=causal, scale=scale, rotary=rotary,
@@ -791,4 +952,35 @@ def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: floa
         o = t(o)
     else:
         raise ValueError(f"layout: expected 'BTNH', 'BNTH' or None, got {layout!r}")
+    return (o, lse) if return_lse else o
+
+
+def pallas_attention_packed(qkv_BTD3, *, num_heads: int, causal: bool = True,
+                            scale: float | None = None, rotary=None,
+                            block_sizes: BlockSizes | None = None, interpret=None,
+                            return_lse: bool = False):
+    """Causal self-attention reading q, k and v in place from one [B, T, 3*N*H] array (the
+    QKV projection's output as the matmul writes it: all of q, then k, then v, each
+    head-interleaved [N, H]) -> o [B, T, N*H], ready for the output projection.
+
+    No slice, transpose or copy of q, k, v around the kernels: each kernel's index maps pick
+    the q, k or v third, `heads_per_block(H, N)` heads per 128-lane block. The gradient comes
+    back as one [B, T, 3*N*H] array. Needs key length == query length and a head_dim that
+    `heads_per_block` accepts (else `UnsupportedShapeError`); `rotary` as in `pallas_attention`.
+    """
+    if qkv_BTD3.ndim != 3:
+        raise UnsupportedShapeError(f"pallas attention (packed): expected qkv [B, T, 3*N*H], "
+                                    f"got shape {tuple(qkv_BTD3.shape)}")
+    B, T, D3 = qkv_BTD3.shape
+    N = int(num_heads)
+    if N <= 0 or D3 % (3 * N):
+        raise UnsupportedShapeError(f"pallas attention (packed): the last axis ({D3}) must be "
+                                    f"3 * num_heads ({N}) * head_dim")
+    H = D3 // (3 * N)
+    rotary_dim = None if rotary is None else rotary[0].shape[-1]
+    check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=causal,
+                    block_sizes=block_sizes, layout="BTNH")
+    o, lse = _attention(qkv_BTD3, None, None, layout="packed", B=B, N=N, T=T, S=T, H=H,
+                        causal=causal, scale=scale, rotary=rotary, block_sizes=block_sizes,
+                        interpret=interpret, return_lse=return_lse)
     return (o, lse) if return_lse else o
