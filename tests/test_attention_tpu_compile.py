@@ -64,3 +64,19 @@ def test_oversized_blocks_are_caught_by_the_compiler():
     rep = compile_report("v5e", "pallas", 1, 1, 4096, 256, backward=False,
                          block_sizes=BlockSizes(block_q=4096, block_kv=512, block_kv_compute=512))
     assert not rep.ok and "ScopedVmemOom" in rep.error, rep.error
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
+    """The packed path (q, k, v read in place from one [B, T, 3*N*H] array; two heads per
+    128-lane block at head_dim 64, per-head lane slices for the fused rotary) lowers to Mosaic,
+    within VMEM, over a 2-device batch mesh; the kernels take the flat array itself."""
+    heads = PYTHIA_SHAPES[H][1]
+    rep = compile_report("v5e:2x2", "pallas", B, heads, T, H, rotary=True, backward=True,
+                         mesh_shape=(2, 1, 1), keep_hlo=True, packed=True)
+    assert rep.ok, rep.error
+    for kname in KERNELS:
+        assert any(n.startswith(kname) for n in rep.vmem_bytes), (kname, rep.vmem_bytes)
+    for name, used in rep.vmem_bytes.items():
+        assert 0 < used <= VMEM_BUDGET_BYTES, (H, name, used)
+    assert f"bf16[{B // 2},{T},{3 * heads * H}]" in rep.hlo  # the local packed operand

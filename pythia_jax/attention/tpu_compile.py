@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pythia_jax.attention import attend
+from pythia_jax.attention import attend, attend_packed
 from pythia_jax.attention.target import target_platform
 from pythia_jax.sharding import BATCH_AXES, MESH_AXES, logical_rules
 
@@ -155,8 +155,10 @@ def _kernel_vmem(hlo: str) -> dict:
 def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
                    dtype=jnp.bfloat16, rotary: bool = False, backward: bool = True,
                    mesh_shape: tuple[int, int, int] = (1, 1, 1), block_sizes=None,
-                   keep_hlo: bool = False) -> CompileReport:
-    """Compile `attend(impl=...)` (forward, or forward + vjp) for one TPU chip, deviceless."""
+                   keep_hlo: bool = False, packed: bool = False) -> CompileReport:
+    """Compile `attend(impl=...)` (forward, or forward + vjp) for one TPU chip, deviceless.
+    `packed`: `attend_packed` on one [B, T, 3*N*H] array instead (impl "pallas", no mesh axis
+    over the heads)."""
     topo = topology_desc(TOPOLOGIES[chip] if ":" not in chip else chip)
     chip_key = chip.split(":")[0]
     n = int(np.prod(mesh_shape))
@@ -174,14 +176,29 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
         o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, cos, sin), q, k, v)
         return (o,) + tuple(vjp(o))
 
+    def fwd_packed(qkv, cos, sin):
+        with logical_rules(mesh):
+            return attend_packed(qkv, num_heads=N, rotary=(cos, sin) if rotary else None,
+                                 **kwargs)
+
+    def fwd_bwd_packed(qkv, cos, sin):
+        o, vjp = jax.vjp(lambda x: fwd_packed(x, cos, sin), qkv)
+        return (o,) + tuple(vjp(o))
+
     x_sh = NamedSharding(mesh, P(BATCH_AXES, None, "tensor", None))
     t_sh = NamedSharding(mesh, P(BATCH_AXES, None, None))
     x = jax.ShapeDtypeStruct((B, T, N, H), dtype, sharding=x_sh)
     tab = jax.ShapeDtypeStruct((B, T, R), jnp.float32, sharding=t_sh)
+    if packed:
+        fn = fwd_bwd_packed if backward else fwd_packed
+        args = (jax.ShapeDtypeStruct((B, T, 3 * N * H), dtype, sharding=t_sh), tab, tab)
+    else:
+        fn = fwd_bwd if backward else fwd
+        args = (x, x, x, tab, tab)
     t0 = time.perf_counter()
     try:
         with target_platform("tpu"):
-            compiled = jax.jit(fwd_bwd if backward else fwd).lower(x, x, x, tab, tab).compile()
+            compiled = jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001  - reported, the caller decides
         rep.error = f"{type(e).__name__}: {e}"
         rep.compile_s = time.perf_counter() - t0
