@@ -194,8 +194,8 @@ def _heads_split(mesh) -> bool:
 def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
                      rotary_dim: int | None) -> bool:
     """Whether `attend_packed` runs for these shapes: `impl` is our Pallas kernel ("pallas", or
-    "auto" where it picks it; never a fallback), the kernel takes the shapes with
-    `heads_per_block(H, N)` heads per lane block, and no mesh axis splits the heads (the flat
+    "auto" where it picks it; never a fallback), head_dim < 128 with `heads_per_block(H, N)`
+    heads per lane block (where it was measured to pay), and no mesh axis splits the heads (the flat
     [B, T, 3*N*H] array would not split along them). Else the layer splits q, k, v and calls
     `attend` as always."""
     if impl == "auto":
@@ -203,7 +203,10 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
             return False
     elif impl != "pallas":
         return False
-    if heads_per_block(H, N) is None or _heads_split(active_mesh()):
+    G = heads_per_block(H, N)
+    # Measured (bench/RESULTS.md, cycles model): a 70m layer 0.77x with the packed path at
+    # head_dim 64. Not measured at head_dim >= 128 (1b-12b), where the split path stays.
+    if G is None or G == 1 or _heads_split(active_mesh()):
         return False
     try:
         check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=True)
