@@ -587,6 +587,17 @@ def test_model_pallas_matches_xla(model_reference, model_unfused_pallas):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
+def _assert_same_run(got, want, tol=1e-5):
+    """Two (loss, logits, gradients) triples of `_logits_and_grads` agree (fp32, tol)."""
+    (loss, logits, g), (loss_u, logits_u, g_u) = got, want
+    np.testing.assert_allclose(loss, loss_u, atol=tol, rtol=tol)
+    np.testing.assert_allclose(logits, logits_u, atol=tol, rtol=tol)
+    flat, flat_u = jax.tree.leaves(g), jax.tree.leaves(g_u)
+    assert len(flat) == len(flat_u) > 0
+    for a, b in zip(flat, flat_u):
+        np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+
+
 def _fwd_kernel_qkv(model, ids, **kwargs):
     """(shape of the forward kernel's q operand, whether q, k and v are one array) per call."""
     graphdef, state = nnx.split(model)
@@ -617,14 +628,7 @@ def test_model_hands_the_qkv_projection_to_the_kernel_in_place(model_reference,
     unfused = GPTNeoX(_MODEL_CFG.replace(attention_impl="pallas", fused_rotary=False),
                       rngs=nnx.Rngs(0))
     assert _fwd_kernel_qkv(unfused, ids) == split
-    loss, logits, g = _logits_and_grads(model, ids)
-    loss_u, logits_u, g_u = model_unfused_pallas
-    np.testing.assert_allclose(loss, loss_u, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(logits, logits_u, atol=1e-5, rtol=1e-5)
-    flat, flat_u = jax.tree.leaves(g), jax.tree.leaves(g_u)
-    assert len(flat) == len(flat_u) > 0
-    for a, b in zip(flat, flat_u):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    _assert_same_run(_logits_and_grads(model, ids), model_unfused_pallas)
 
 
 def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_reference):
@@ -666,14 +670,7 @@ def test_model_rotary_fused_under_auto_matches_unfused(monkeypatch, tmp_path, mo
     assert model.config.attention_impl == "auto" and model.config.fused_rotary is None
     ids = model_reference[0]
     assert _fwd_kernel_inputs(model, ids) == [7]
-    loss, logits, g = _logits_and_grads(model, ids)
-    loss_u, logits_u, g_u = model_unfused_pallas
-    np.testing.assert_allclose(loss, loss_u, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(logits, logits_u, atol=1e-5, rtol=1e-5)
-    flat, flat_u = jax.tree.leaves(g), jax.tree.leaves(g_u)
-    assert len(flat) == len(flat_u) > 0
-    for a, b in zip(flat, flat_u):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    _assert_same_run(_logits_and_grads(model, ids), model_unfused_pallas)
 
 
 # ------------------------------------------------------------------------------------------------

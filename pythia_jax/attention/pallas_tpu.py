@@ -278,6 +278,14 @@ class _Static:
             out = jnp.where(self.lane_mask(g), parts[g], out)
         return out
 
+    def fill_heads(self, sc, x, tables=None) -> None:
+        """Write the resident tile x (rotated first when `tables` = (cos, sin) refs are given)
+        into the per-head scratch `sc` (G, n, W): copy g keeps only head g's lanes."""
+        if tables is not None:
+            x = self.rotate(x.astype(jnp.float32), tables[0][...], tables[1][...]).astype(x.dtype)
+        for g in range(self.G):
+            sc[g] = self.only(g, x)
+
     def rotate(self, x, cos, sin):
         """`_rotate` on every head of an (n, W) f32 tile."""
         if self.G == 1:
@@ -371,11 +379,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
         if q_sc:  # q rotated and/or cut to each head's lanes, once per resident q block
-            q = q_ref[...]
-            if st.rotary:
-                q = st.rotate(q.astype(jnp.float32), qc_ref[...], qs_ref[...]).astype(q.dtype)
-            for g in range(G):
-                q_sc[0][g] = st.only(g, q)
+            st.fill_heads(q_sc[0], q_ref[...], (qc_ref, qs_ref) if st.rotary else None)
 
     row0 = i * bq + st.offset  # key position of the block's first query
 
@@ -576,15 +580,9 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
         if q_sc is not None:
-            q = q_ref[...]
-            if st.rotary:
-                q = st.rotate(q.astype(jnp.float32), qc_ref[...], qs_ref[...]).astype(q.dtype)
-            for g in range(G):
-                q_sc[g] = st.only(g, q)
+            st.fill_heads(q_sc, q_ref[...], (qc_ref, qs_ref) if st.rotary else None)
         if do_sc is not None:
-            do = do_ref[...]
-            for g in range(G):
-                do_sc[g] = st.only(g, do)
+            st.fill_heads(do_sc, do_ref[...])
 
     row0 = i * bq + st.offset
 
@@ -692,15 +690,9 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
         if k_sc is not None:
-            k = k_ref[...]
-            if st.rotary:
-                k = st.rotate(k.astype(jnp.float32), kc_ref[...], ks_ref[...]).astype(k.dtype)
-            for g in range(G):
-                k_sc[g] = st.only(g, k)
+            st.fill_heads(k_sc, k_ref[...], (kc_ref, ks_ref) if st.rotary else None)
         if v_sc is not None:
-            v = v_ref[...]
-            for g in range(G):
-                v_sc[g] = st.only(g, v)
+            st.fill_heads(v_sc, v_ref[...])
 
     col0 = j * bk  # position of the block's first key
 
