@@ -205,7 +205,7 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
         return False
     G = heads_per_block(H, N)
     # Measured (bench/RESULTS.md, cycles model): a 70m layer 0.77x with the packed path at
-    # head_dim 64. Not measured at head_dim >= 128 (1b-12b), where the split path stays.
+    # head_dim 64; 1.4b and 1b layers (head_dim 128, 256) 1.04x, so the split path stays there.
     if G is None or G == 1 or _heads_split(active_mesh()):
         return False
     try:

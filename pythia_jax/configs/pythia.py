@@ -47,8 +47,9 @@ NEOX_LAYOUT = {
 #: size -> (remat policy, sequences per device per microbatch): the defaults, chosen from
 #: deviceless compiles of the real step (`scripts/aot_report.py`; docs/scaling.md has the
 #: tables and commands). 70m-410m: v5e (16 GiB HBM) with pure data parallelism, the largest
-#: power-of-two microbatch that fits; remat "none" beat "dots_saveable" at 160m (49.2 vs
-#: 40.3 % MFU, cycles model) and 410m (45.5 vs 38.1 %). 14m and 31m take 70m's microbatch
+#: power-of-two microbatch that fits (regenerated after the in-place QKV path: 160m 8, 410m 2);
+#: remat "none" beat "dots_saveable" at 160m (62.0 vs 54.8 % MFU, cycles model) and 410m (56.3
+#: vs 55.2 %). 14m and 31m take 70m's microbatch
 #: (their activations are smaller; not compiled). 1b-12b: v5p (95 GiB) with fsdp over the
 #: slice; "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4, 74.8 vs 66.5 % roofline, 80.2
 #: vs 77.5 % cycles) and 12b (v5p:4x8x8, 75.7 vs 65.5 %, 73.4 vs 66.9 %); the microbatch is
@@ -57,8 +58,8 @@ NEOX_LAYOUT = {
 #: The microbatch is a cap: a device holding fewer rows takes them in one microbatch
 #: (`train.grad_accum_steps` overrides it).
 TRAIN_DEFAULTS = {
-    "14m": ("none", 16), "31m": ("none", 16), "70m": ("none", 16), "160m": ("none", 4),
-    "410m": ("none", 1),
+    "14m": ("none", 16), "31m": ("none", 16), "70m": ("none", 16), "160m": ("none", 8),
+    "410m": ("none", 2),
     "1b": ("dots_saveable", 32), "1.4b": ("dots_saveable", 16), "2.8b": ("dots_saveable", 8),
     "6.9b": ("dots_saveable", 8), "12b": ("dots_saveable", 4),
 }
