@@ -127,7 +127,9 @@ class EventFile:
     Here a failed write raises where the scalar is added (or at `flush`/`close`), the file is
     closed either way, and nothing runs at exit. Buffered; flushed every `flush_secs`."""
 
-    def __init__(self, logdir: str, flush_secs: float = 30.0):
+    def __init__(self, logdir: str, flush_secs: float = 30.0, taken=None):
+        """`taken(name)`: whether a file of that name exists where this folder's files end up
+        (a remote workdir's bucket folder, which the local staging folder does not show)."""
         import socket
 
         from tensorboardX.proto import event_pb2
@@ -137,13 +139,15 @@ class EventFile:
         self._event, self._scalar = event_pb2.Event, scalar
         os.makedirs(logdir, exist_ok=True)
         # TensorBoard reads every file with "tfevents" in its name; the pid and a count keep a
-        # resume within the same second from truncating the earlier run's file
-        stem = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}."
-                                    f"{socket.gethostname()}.{os.getpid()}")
-        self.path, n = stem, 0
-        while os.path.exists(self.path):
+        # resume within the same second from truncating (or, in a bucket, replacing) the
+        # earlier run's file
+        stem = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                f"{os.getpid()}")
+        name, n = stem, 0
+        while os.path.exists(os.path.join(logdir, name)) or (taken is not None and taken(name)):
             n += 1
-            self.path = f"{stem}.{n}"
+            name = f"{stem}.{n}"
+        self.path = os.path.join(logdir, name)
         self._records = RecordWriter(self.path)
         self._flush_secs = float(flush_secs)
         self._flushed_at = time.monotonic()
@@ -221,7 +225,11 @@ class MetricsWriter:
             self._jsonl = open(local_jsonl, "a", encoding="utf-8")
             self._local_tb = local_tb
             try:
-                self._tb = EventFile(local_tb, flush_secs=30)
+                taken = None
+                if self._staging is not None:
+                    def taken(name):
+                        return paths.exists(paths.join(self.tensorboard_path, name))
+                self._tb = EventFile(local_tb, flush_secs=30, taken=taken)
             except ImportError:  # optional dependency: log to the console and JSONL only
                 self._tb = None
             if wandb_project:

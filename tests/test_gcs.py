@@ -162,6 +162,40 @@ def test_train_in_a_bucket_resumes_bit_exactly(gcs, rows, tmp_path, monkeypatch,
     _assert_same(_params(from_pretrained(out)), want)
 
 
+def test_resumed_metrics_in_the_same_second_keep_the_earlier_event_file(gcs, monkeypatch,
+                                                                          tmp_path):
+    """A remote workdir's event files are written in a fresh local staging folder and
+    uploaded; a resumed writer started in the same second (same host and pid) must pick a new
+    name against the bucket's files, not replace the first run's file (which lost its
+    scalars: the 3.12 run of test_train_in_a_bucket_resumes_bit_exactly found one file of two)."""
+    import time as real_time
+    import types
+
+    from test_hf_conventions import _event_records
+
+    from pythia_jax import metrics
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(
+        time=lambda: 1_796_300_000.0, monotonic=real_time.monotonic))
+    workdir = gcs.url("metrics")
+    for start in (0, 2):
+        w = metrics.MetricsWriter(workdir, total_steps=4, progress_bar=False, enabled=True,
+                                  resume_step=start or None)
+        for step in (start + 1, start + 2):
+            w.write(step, {"loss": 1.0 / step}, console=False)
+        w.close()
+    names = [n for n in gcs.list("metrics") if n.startswith("metrics/tensorboard/")]
+    assert len(names) == 2, names
+    seen = {}
+    for i, n in enumerate(names):
+        local = paths.download(gcs.url(n), str(tmp_path / f"ev{i}"))
+        for ev in _event_records(local)[1:]:
+            (v,) = ev.summary.value
+            seen[ev.step] = v.simple_value
+    assert seen == pytest.approx({s: 1.0 / s for s in (1, 2, 3, 4)})
+    lines = paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
 def test_script_output_paths_on_a_bucket(gcs):
     """--output/--out of the scripts: a URL is checked (a folder refused) and written whole."""
     from pythia_jax import cli
