@@ -225,10 +225,8 @@ class MetricsWriter:
             self._jsonl = open(local_jsonl, "a", encoding="utf-8")
             self._local_tb = local_tb
             try:
-                taken = None
-                if self._staging is not None:
-                    def taken(name):
-                        return paths.exists(paths.join(self.tensorboard_path, name))
+                taken = (None if self._staging is None else
+                         lambda name: paths.exists(paths.join(self.tensorboard_path, name)))
                 self._tb = EventFile(local_tb, flush_secs=30, taken=taken)
             except ImportError:  # optional dependency: log to the console and JSONL only
                 self._tb = None

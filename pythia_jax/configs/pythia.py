@@ -49,8 +49,8 @@ NEOX_LAYOUT = {
 #: tables and commands). 70m-410m: v5e (16 GiB HBM) with pure data parallelism, the largest
 #: power-of-two microbatch that fits (regenerated after the in-place QKV path: 160m 8, 410m 2);
 #: remat "none" beat "dots_saveable" at 160m (62.0 vs 54.8 % MFU, cycles model) and 410m (56.3
-#: vs 55.2 %). 14m and 31m take 70m's microbatch
-#: (their activations are smaller; not compiled). 1b-12b: v5p (95 GiB) with fsdp over the
+#: vs 55.2 %). 14m and 31m take 70m's microbatch (their activations are smaller; not
+#: compiled). 1b-12b: v5p (95 GiB) with fsdp over the
 #: slice; "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4, 74.8 vs 66.5 % roofline, 80.2
 #: vs 77.5 % cycles) and 12b (v5p:4x8x8, 75.7 vs 65.5 %, 73.4 vs 66.9 %); the microbatch is
 #: the largest that fitted with it on v5p fsdp slices (1b 32 on 2x4x4, 69 GiB; 1.4b 16 on
