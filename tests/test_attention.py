@@ -113,7 +113,7 @@ def _packed(q, k, v):
 
 
 @pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (64, 2, "T256-b128"),
-                                      (32, 4, "T256-b128")])
+                                      (32, 4, "T256-b128"), (128, 2, "T256-b128")])
 def test_flat_layouts_put_several_heads_in_one_lane_block(H, N, case):
     """head_dim < 128: the flat layouts take 128 // H heads per 128-lane block (each head's
     scores from its own lanes only). 'BTNH' on a [B, T, N*H] view, and the packed entry point,
@@ -313,6 +313,30 @@ def test_no_races_under_tpu_interpret_mode():
     # And the simulated runs compute the right thing.
     want = _fwd_bwd(lambda q, k, v: apply_rotary_attention(q, k, v, cos, sin), q, k, v, do)
     _assert_close([t(o), t(dq), t(dk), t(dv)], want, ["o", "dq", "dk", "dv"])
+
+
+@pytest.mark.parametrize("H,N", [(64, 2), (128, 2)])
+def test_packed_gradient_buffer_has_no_races_under_tpu_interpret_mode(H, N):
+    """The packed backward writes dk and dv into the k and v thirds of one [B, T, 3*N*H]
+    array by manual DMA from the dK/dV kernel, then dq into the q third in place (the dQ kernel
+    aliases that array): on 2 simulated TensorCores no two grid steps touch the same block, and
+    every third holds its own gradient."""
+    from jax.experimental.pallas import tpu as pltpu
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    B, T = 1, 256
+    q, k, v, do = _inputs(B, T, N, H, seed=11)
+    cos, sin = _rotary(B, T, H)
+    blocks = BlockSizes.uniform(128)
+    qkv = _packed(q, k, v)
+    dflat = do.reshape(B, T, N * H)
+
+    def loss(x):
+        return jnp.sum(pallas_attention_packed(x, num_heads=N, block_sizes=blocks,
+                                               rotary=(cos, sin), interpret=params) * dflat)
+    g, raced = _run_detecting_races(lambda: jax.grad(loss)(qkv))
+    assert not raced
+    want = _fwd_bwd(lambda q, k, v: apply_rotary_attention(q, k, v, cos, sin), q, k, v, do)
+    np.testing.assert_allclose(g, _packed(*want[1:]), atol=1e-5, rtol=1e-5)
 
 
 def apply_rotary_attention(q, k, v, cos, sin):

@@ -80,3 +80,8 @@ def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
     for name, used in rep.vmem_bytes.items():
         assert 0 < used <= VMEM_BUDGET_BYTES, (H, name, used)
     assert f"bf16[{B // 2},{T},{3 * heads * H}]" in rep.hlo  # the local packed operand
+    # the gradient is written in place: the dQ kernel aliases the dK/dV kernel's [B, T, 3D]
+    # output (no concatenation of dq, dk, dv)
+    dq_calls = [line for line in rep.hlo.splitlines()
+                if "tpu_custom_call" in line and "pythia_flash_dq" in line]
+    assert dq_calls and all("output_to_operand_aliasing" in line for line in dq_calls), dq_calls

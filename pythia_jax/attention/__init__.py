@@ -194,8 +194,8 @@ def _heads_split(mesh) -> bool:
 def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
                      rotary_dim: int | None) -> bool:
     """Whether `attend_packed` runs for these shapes: `impl` is our Pallas kernel ("pallas", or
-    "auto" where it picks it; never a fallback), head_dim < 128 with `heads_per_block(H, N)`
-    heads per lane block (where it was measured to pay), and no mesh axis splits the heads (the flat
+    "auto" where it picks it; never a fallback), a head_dim that `heads_per_block(H, N)`
+    accepts (64, 128, 256; not 80), and no mesh axis splits the heads (the flat
     [B, T, 3*N*H] array would not split along them). Else the layer splits q, k, v and calls
     `attend` as always."""
     if impl == "auto":
@@ -204,9 +204,10 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
     elif impl != "pallas":
         return False
     G = heads_per_block(H, N)
-    # Measured (bench/RESULTS.md, cycles model): a 70m layer 0.77x with the packed path at
-    # head_dim 64; 1.4b and 1b layers (head_dim 128, 256) 1.04x, so the split path stays there.
-    if G is None or G == 1 or _heads_split(active_mesh()):
+    # Measured (bench/RESULTS.md, cycles model): a 70m layer (head_dim 64) 0.74x against the
+    # split path, 1.4b and 1b layers (head_dim 128, 256) 0.95x, with the gradient written in
+    # place (1.04x while it was a concatenation of dq, dk, dv).
+    if G is None or _heads_split(active_mesh()):
         return False
     try:
         check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=True)

@@ -26,7 +26,11 @@ Algorithm (FlashAttention-2 style, written for the TPU's (8, 128) tiling):
   rows broadcast along sublanes; its q-block index map clamps the blocks below the needed range
   (no DMA). The dQ kernel walks kv blocks for a resident q block (same clamp as the forward).
   All non-reduction grid axes are "parallel", so megacore chips (v4, v5p) split them over both
-  TensorCores, the backward included.
+  TensorCores, the backward included. With the packed layout the gradient is one [B, T, 3D]
+  array written in place: the dK/dV kernel copies each finished dk and dv tile by DMA into the
+  k and v thirds of its HBM output (two column blocks a third of the row apart, which no one
+  BlockSpec names), and the dQ kernel takes that array aliased and writes the q third through
+  its ordinary output BlockSpec. No concatenation of dq, dk, dv reaches XLA.
 * Fused rotary (optional): `rotary=(cos_BTR, sin_BTR)` float32 tables (NeoX rotate-half over the
   first R channels of each head). q and k go in un-rotated; each kernel fetches the table rows of
   its q / kv block (positions = block offset + row) with the same index maps as q / k and rotates
@@ -566,6 +570,9 @@ def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0)):
 # ------------------------------------------------------------------------------------------------
 # dQ kernel: resident q block, walks kv blocks.
 def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
+    if st.layout == "packed":  # drop the last input: the aliased [B, T, 3D] gradient buffer
+        n_in = 6 + 4 * st.rotary  # (dk and dv are in it already; this kernel adds dq)
+        refs = refs[:n_in] + refs[n_in + 1:]
     if st.rotary:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
          dq_ref, dq_sc, *res_sc) = refs
@@ -621,7 +628,7 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
+def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     NG, G, W = st.groups, st.G, st.W
     bl = st.blocks
@@ -650,6 +657,13 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
+    out_shape, out_spec, aliases = st.out_shape(B, q.dtype), q_spec, {}
+    if into is not None:  # write dq into the q third of the packed gradient buffer, in place
+        out_shape, out_spec = jax.ShapeDtypeStruct(into.shape, into.dtype), st.x_spec(
+            bq, lambda b, h, i, j: (b, h, i), 0)
+        aliases = {len(args): 0}
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        args.append(into)
     kernel = functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
@@ -665,8 +679,8 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
                  itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac)) + 8 * B * N * T,
                  rot_cost)
     return pl.pallas_call(
-        kernel, out_shape=st.out_shape(B, q.dtype), grid=(B, NG, nq, nk),
-        in_specs=in_specs, out_specs=q_spec, scratch_shapes=scratch,
+        kernel, out_shape=out_shape, grid=(B, NG, nq, nk), in_specs=in_specs,
+        out_specs=out_spec, scratch_shapes=scratch, input_output_aliases=aliases,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dq",
     )(*args)
@@ -675,6 +689,12 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static):
 # ------------------------------------------------------------------------------------------------
 # dK/dV kernel: resident kv block, walks q blocks; transposed (bk, bq) score tiles.
 def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
+    packed = st.layout == "packed"
+    if packed:  # one output in HBM, [B, S, 3D]; a (2, bk, W) staging tile and 2 DMA semaphores
+        n_in = 6 + 4 * st.rotary
+        dqkv_hbm, stage, sems = refs[n_in], refs[n_in + 3], refs[n_in + 4]
+        refs = refs[:n_in] + (None, None) + refs[n_in + 1:n_in + 3] + refs[n_in + 5:]
+        b, h = pl.program_id(0), pl.program_id(1)  # (read here: interpret mode needs it)
     if st.rotary:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
          dk_ref, dv_ref, dk_sc, dv_sc, *res_sc) = refs
@@ -730,8 +750,24 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
         dk = st.merge([dk_sc[g] for g in range(G)]) * st.scale
         if st.rotary:
             dk = st.rotate_t(dk, kc_ref[...], ks_ref[...])
-        dk_ref[...] = dk.astype(dk_ref.dtype)
-        dv_ref[...] = st.merge([dv_sc[g] for g in range(G)]).astype(dv_ref.dtype)
+        dv = st.merge([dv_sc[g] for g in range(G)])
+        if not packed:
+            dk_ref[...] = dk.astype(dk_ref.dtype)
+            dv_ref[...] = dv.astype(dv_ref.dtype)
+            return
+        # dk and dv go to the k and v thirds of the one gradient array: two column blocks a
+        # third of the row apart, which one BlockSpec cannot name, so they are copied out here
+        # (dk's copy runs while dv is cast and staged).
+        rows = pl.ds(j * bk, bk)
+        copies = []
+        for part, x in ((1, dk), (2, dv)):
+            stage[part - 1] = x.astype(stage.dtype)
+            cols = pl.ds((part * st.groups + h) * st.W, st.W)
+            copies.append(pltpu.make_async_copy(stage.at[part - 1], dqkv_hbm.at[b, rows, cols],
+                                                sems.at[part - 1]))
+            copies[-1].start()
+        for c in copies:
+            c.wait()
 
 
 def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
@@ -755,6 +791,9 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
     args = [q, k, v, do, lse, di]
     scratch = ([pltpu.VMEM((G, bk, W), jnp.float32), pltpu.VMEM((G, bk, W), jnp.float32)]
                + _q_scratch(st, bk, k.dtype))
+    packed = st.layout == "packed"
+    if packed:  # the staging tile of dk, dv and the semaphores of their copies to HBM
+        scratch[2:2] = [pltpu.VMEM((2, bk, W), k.dtype), pltpu.SemaphoreType.DMA((2,))]
     if G > 1:  # v cut to each head's lanes
         scratch.append(pltpu.VMEM((G, bk, W), v.dtype))
     if st.rotary:
@@ -780,9 +819,13 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
                  + 8 * B * N * T * max(1, nk * frac), rot_cost)
     kv_shape = (jax.ShapeDtypeStruct((B, N, S, H), k.dtype) if st.layout == "BNTH"
                 else jax.ShapeDtypeStruct((B, S, N * H), k.dtype))
+    out_shapes, out_specs = [kv_shape, kv_shape], [out_spec, out_spec]
+    if packed:  # one [B, S, 3D] array: dk and dv in their thirds (dq: `_dq_call(into=...)`)
+        out_shapes = jax.ShapeDtypeStruct((B, S, 3 * N * H), k.dtype)
+        out_specs = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        kernel, out_shape=[kv_shape, kv_shape], grid=(B, NG, nk, nq), in_specs=in_specs,
-        out_specs=[out_spec, out_spec], scratch_shapes=scratch,
+        kernel, out_shape=out_shapes, grid=(B, NG, nk, nq), in_specs=in_specs,
+        out_specs=out_specs, scratch_shapes=scratch,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dkv",
     )(*args)
@@ -810,6 +853,7 @@ def _flash_bwd(st: _Static, res, cts):
 
 
 def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static):
+    """(dq, dk, dv); for the packed layout one [B, T, 3D] array holding all three."""
     do = do.astype(q.dtype)
     prod = o.astype(jnp.float32) * do.astype(jnp.float32)
     if st.layout == "BNTH":
@@ -819,6 +863,9 @@ def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static):
         di = jnp.swapaxes(di, 1, 2)[:, :, None, :]
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         di = di - dlse.astype(jnp.float32)
+    if st.layout == "packed":  # one [B, T, 3D] gradient: dk, dv copied in, then dq in place
+        return _dq_call(q, k, v, do, lse, di, rot, st,
+                        into=_dkv_call(q, k, v, do, lse, di, rot, st))
     dq = _dq_call(q, k, v, do, lse, di, rot, st)
     dk, dv = _dkv_call(q, k, v, do, lse, di, rot, st)
     return dq, dk, dv
@@ -842,9 +889,9 @@ def _flash_packed_fwd(qkv, rot, st: _Static):
 def _flash_packed_bwd(st: _Static, res, cts):
     qkv, rot, o, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(qkv, qkv, qkv, rot, o, lse, do, dlse, st)
+    dqkv = _backward(qkv, qkv, qkv, rot, o, lse, do, dlse, st)
     drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
-    return jnp.concatenate([dq, dk, dv], axis=-1), drot
+    return dqkv, drot
 
 
 _flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
