@@ -655,6 +655,23 @@ def test_model_hands_the_qkv_projection_to_the_kernel_in_place(model_reference,
     _assert_same_run(_logits_and_grads(model, ids), model_unfused_pallas)
 
 
+def test_model_packed_path_at_head_dim_128_matches_the_split_path():
+    """head_dim 128 (as 1.4b, 6.9b, 12b; one head per lane block) takes the packed path too,
+    its gradient written in place by the kernels: the same loss, logits and every gradient as
+    the split path (rotary outside the kernel), fp32 1e-5."""
+    cfg = _MODEL_CFG.replace(hidden_size=256, num_heads=2, num_layers=1, intermediate_size=512)
+    assert cfg.head_dim == 128
+    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 256), 0, 256)
+    base = GPTNeoX(cfg, rngs=nnx.Rngs(0))
+    packed = GPTNeoX(cfg.replace(attention_impl="pallas"), rngs=nnx.Rngs(1))
+    split = GPTNeoX(cfg.replace(attention_impl="pallas", fused_rotary=False), rngs=nnx.Rngs(2))
+    nnx.update(packed, nnx.state(base))
+    nnx.update(split, nnx.state(base))
+    assert _fwd_kernel_qkv(packed, ids) == [((2, 256, 3 * 256), True)]
+    assert _fwd_kernel_qkv(split, ids) == [((2, 2, 256, 128), False)]
+    _assert_same_run(_logits_and_grads(packed, ids), _logits_and_grads(split, ids))
+
+
 def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_reference):
     """The fusion is decided where `attend` resolves the impl: fused whenever that is our
     kernel (`pallas`, or `auto` picking it) unless fused_rotary=False. The TPU choice of `auto`
