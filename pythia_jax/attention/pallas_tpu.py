@@ -657,11 +657,9 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
-    out_shape, out_spec, aliases = st.out_shape(B, q.dtype), q_spec, {}
-    if into is not None:  # write dq into the q third of the packed gradient buffer, in place
-        out_shape, out_spec = jax.ShapeDtypeStruct(into.shape, into.dtype), st.x_spec(
-            bq, lambda b, h, i, j: (b, h, i), 0)
-        aliases = {len(args): 0}
+    out_shape, aliases = st.out_shape(B, q.dtype), {}
+    if into is not None:  # dq into the q third of the packed gradient buffer (q_spec's blocks)
+        out_shape, aliases = jax.ShapeDtypeStruct(into.shape, into.dtype), {len(args): 0}
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         args.append(into)
     kernel = functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
@@ -680,7 +678,7 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
                  rot_cost)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, NG, nq, nk), in_specs=in_specs,
-        out_specs=out_spec, scratch_shapes=scratch, input_output_aliases=aliases,
+        out_specs=q_spec, scratch_shapes=scratch, input_output_aliases=aliases,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dq",
     )(*args)
@@ -690,10 +688,11 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
 # dK/dV kernel: resident kv block, walks q blocks; transposed (bk, bq) score tiles.
 def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
     packed = st.layout == "packed"
-    if packed:  # one output in HBM, [B, S, 3D]; a (2, bk, W) staging tile and 2 DMA semaphores
+    if packed:  # one output in HBM, [B, S, 3D]; the last scratch: staging tile, DMA semaphores
+        *refs, stage, sems = refs
         n_in = 6 + 4 * st.rotary
-        dqkv_hbm, stage, sems = refs[n_in], refs[n_in + 3], refs[n_in + 4]
-        refs = refs[:n_in] + (None, None) + refs[n_in + 1:n_in + 3] + refs[n_in + 5:]
+        dqkv_hbm = refs[n_in]
+        refs = refs[:n_in] + [None, None] + refs[n_in + 1:]  # (no dk_ref, dv_ref)
         b, h = pl.program_id(0), pl.program_id(1)  # (read here: interpret mode needs it)
     if st.rotary:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
@@ -791,11 +790,11 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
     args = [q, k, v, do, lse, di]
     scratch = ([pltpu.VMEM((G, bk, W), jnp.float32), pltpu.VMEM((G, bk, W), jnp.float32)]
                + _q_scratch(st, bk, k.dtype))
-    packed = st.layout == "packed"
-    if packed:  # the staging tile of dk, dv and the semaphores of their copies to HBM
-        scratch[2:2] = [pltpu.VMEM((2, bk, W), k.dtype), pltpu.SemaphoreType.DMA((2,))]
     if G > 1:  # v cut to each head's lanes
         scratch.append(pltpu.VMEM((G, bk, W), v.dtype))
+    packed = st.layout == "packed"
+    if packed:  # the staging tile of dk, dv and the semaphores of their copies to HBM
+        scratch += [pltpu.VMEM((2, bk, W), k.dtype), pltpu.SemaphoreType.DMA((2,))]
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
