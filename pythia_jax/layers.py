@@ -117,15 +117,20 @@ class Layout:
         return layer_norm(x, scale, bias, eps, axis=0 if self.feature_major else -1)
 
     def dense(self, h, kernel, bias, n_in: int, cdt):
-        """h times kernel over the `n_in` feature axes, float32 accumulation, + bias, in cdt."""
+        """h times kernel over the `n_in` feature axes, float32 accumulation, + bias (None:
+        none), in cdt."""
         w = kernel.astype(cdt)
         if self.feature_major:  # w [out..., in...] . h [in..., B] -> [out..., B]
             dims = ((tuple(range(w.ndim - n_in, w.ndim)), tuple(range(n_in))), ((), ()))
             y = jax.lax.dot_general(w, h, dims, preferred_element_type=jnp.float32)
+            if bias is None:
+                return y.astype(cdt)
             b = bias.astype(jnp.float32).reshape(bias.shape + (1,) * (h.ndim - n_in))
         else:  # h [..., in...] . w [in..., out...] -> [..., out...]
             dims = ((tuple(range(h.ndim - n_in, h.ndim)), tuple(range(n_in))), ((), ()))
             y = jax.lax.dot_general(h, w, dims, preferred_element_type=jnp.float32)
+            if bias is None:
+                return y.astype(cdt)
             b = bias.astype(jnp.float32)
         return (y + b).astype(cdt)
 
@@ -300,12 +305,13 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
     [B, N, T, S] (and use its result), given only when the pattern site is tapped.
     `captured`: {site: value} for the sites `taps` captures ({} without taps).
 
-    Packed attention: when `attention` has a `packed` step (`packed(qkv, *, num_heads,
+    Packed attention: when `attention` has a `packed` step (`packed(qkv, *, bias, num_heads,
     rotary) -> o`, with `packed.supported(B, T, N, H, dtype, rotary_dim)`) and it supports the
     shapes, the rotary is fused and no site between the projections is tapped, the QKV
-    projection's output [B, T, 3*N*H] goes to it as the matmul wrote it and its [B, T, N*H]
-    output to the output projection: no split, transpose or stack of q, k, v on either side
-    (the kernel reads them in place). Same math as the split path.
+    projection's matmul [B, T, 3*N*H] goes to it as the matmul wrote it, with the QKV bias
+    beside it (the kernel adds it, and returns its gradient), and its [B, T, N*H] output to
+    the output projection: no split, transpose or stack of q, k, v on either side (the kernel
+    reads them in place), no reduction of their gradient in XLA. Same math as the split path.
     """
     cdt = dtype_of(cfg.dtype)
     eps = cfg.layer_norm_eps
@@ -323,10 +329,10 @@ def decoder_layer(cfg: ModelConfig, p: dict, x, rope, attention: AttentionStep, 
             and not (taps is not None and taps.touches(_ATTENTION_SITES))
             and packed.supported(x.shape[0], x.shape[1], N, H, cdt, rope[0].shape[-1])):
         D3 = 3 * N * H
-        qkv = layout.dense(a, p["qkv_kernel"].reshape(-1, D3), p["qkv_bias"].reshape(D3), 1,
-                           cdt)
+        qkv = layout.dense(a, p["qkv_kernel"].reshape(-1, D3), None, 1, cdt)  # bias: kernel's
         qkv = layout.constrain(qkv, ("batch", "length", None))
-        o = checkpoint_name(packed(qkv, num_heads=N, rotary=rope), "attn_out")
+        o = checkpoint_name(packed(qkv, bias=p["qkv_bias"].reshape(D3), num_heads=N,
+                                   rotary=rope), "attn_out")
         attn_out = site("hook_attn_out", layout.dense(o, p["out_kernel"].reshape(N * H, -1),
                                                       p["out_bias"], 1, cdt))
         return _mlp_and_residual(cfg, p, x, attn_out, layout, site, captured, state)

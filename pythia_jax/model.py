@@ -174,8 +174,8 @@ def causal_attention(impl: str, fused_rotary: bool | None = None):
         return attention_lib.attend(q, k, v, impl=impl, causal=True, rotary=rotary,
                                     fused_rotary=fused_rotary), state
 
-    def packed(qkv, *, num_heads, rotary):  # the layer's packed path (`decoder_layer`)
-        return attention_lib.attend_packed(qkv, num_heads=num_heads, rotary=rotary)
+    def packed(qkv, *, bias, num_heads, rotary):  # the layer's packed path (`decoder_layer`)
+        return attention_lib.attend_packed(qkv, bias=bias, num_heads=num_heads, rotary=rotary)
 
     def supported(B, T, N, H, dtype, rotary_dim):
         return (fused_rotary is not False and rotary_dim > 0

@@ -164,6 +164,64 @@ def test_flat_layouts_name_the_shapes_they_cannot_take():
     assert pallas_tpu.heads_per_block(80, 2) is None and pallas_tpu.heads_per_block(256, 3) == 1
 
 
+def _reduces_of_shape(fn, shape, *args):
+    """The reduce_sum equations of fn's jaxpr (sub-jaxprs included) whose operand has `shape`."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) == shape:
+                found.append(eqn)
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (128, 2, "T256-b128")])
+def test_packed_kernels_add_the_qkv_bias_and_return_its_gradient(H, N, case):
+    """`bias=` hands the QKV bias to the kernels beside the bias-free matmul output: o and the
+    gradients of qkv and of the bias equal the f32 reference on `qkv + bias` (fused rotary),
+    and the bias gradient comes from the kernels' per-block column sums: nothing in the
+    program reduces a [B, T, 3*N*H] array."""
+    T, blocks = BLOCK_CASES[case]
+    B = 2
+    q, k, v, do = _inputs(B, T, N, H, seed=5)
+    qkv = _packed(q, k, v)
+    D3 = qkv.shape[-1]
+    bias = jax.random.normal(jax.random.PRNGKey(9), (D3,), jnp.float32)
+    cos, sin = _rotary(B, T, H)
+    dflat = do.reshape(B, T, N * H)
+
+    def split(x):
+        return [t.reshape(B, T, N, H) for t in jnp.split(x, 3, axis=-1)]
+
+    def ref(x, b):
+        return apply_rotary_attention(*split(x + b), cos, sin).reshape(B, T, N * H)
+
+    def got(x, b):
+        return pallas_attention_packed(x, num_heads=N, bias=b, block_sizes=blocks,
+                                       rotary=(cos, sin))
+
+    def loss(f):
+        return lambda x, b: jnp.sum(f(x, b) * dflat)
+    np.testing.assert_allclose(jax.jit(got)(qkv, bias), ref(qkv, bias), atol=1e-5, rtol=1e-5)
+    g = jax.jit(jax.grad(loss(got), argnums=(0, 1)))(qkv, bias)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(qkv, bias)
+    np.testing.assert_allclose(g[0], g_ref[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(g[1], g_ref[1], atol=1e-4, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(g[1]))) > 1.0  # a gradient worth checking
+    assert not _reduces_of_shape(jax.grad(loss(got), argnums=1), (B, T, D3), qkv, bias)
+    assert _reduces_of_shape(jax.grad(loss(ref), argnums=1), (B, T, D3), qkv, bias)  # can fail
+    for wrong in (bias[:-1], bias.reshape(3, -1)):
+        with pytest.raises(UnsupportedShapeError, match=rf"bias must be \[{D3}\]"):
+            pallas_attention_packed(qkv, num_heads=N, bias=wrong)
+
+
 def test_cost_estimate_counts_the_fused_rotary():
     """Each kernel's `pl.CostEstimate` (what XLA's TPU cost model prices the call by) includes
     the rotary work inside it: 3 FLOPs per rotated element (x*cos + rotate_half(x)*sin, or the
@@ -319,8 +377,9 @@ def test_no_races_under_tpu_interpret_mode():
 def test_packed_gradient_buffer_has_no_races_under_tpu_interpret_mode(H, N):
     """The packed backward writes dk and dv into the k and v thirds of one [B, T, 3*N*H]
     array by manual DMA from the dK/dV kernel, then dq into the q third in place (the dQ kernel
-    aliases that array): on 2 simulated TensorCores no two grid steps touch the same block, and
-    every third holds its own gradient."""
+    aliases that array), and both write per-block column sums for the QKV bias: on 2 simulated
+    TensorCores no two grid steps touch the same block, every third holds its own gradient,
+    and the bias gradient is their column sum."""
     from jax.experimental.pallas import tpu as pltpu
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     B, T = 1, 256
@@ -330,13 +389,17 @@ def test_packed_gradient_buffer_has_no_races_under_tpu_interpret_mode(H, N):
     qkv = _packed(q, k, v)
     dflat = do.reshape(B, T, N * H)
 
-    def loss(x):
-        return jnp.sum(pallas_attention_packed(x, num_heads=N, block_sizes=blocks,
+    bias = jax.random.normal(jax.random.PRNGKey(3), (qkv.shape[-1],), jnp.float32)
+
+    def loss(x, b):
+        return jnp.sum(pallas_attention_packed(x - bias, num_heads=N, bias=b, block_sizes=blocks,
                                                rotary=(cos, sin), interpret=params) * dflat)
-    g, raced = _run_detecting_races(lambda: jax.grad(loss)(qkv))
+    (g, g_bias), raced = _run_detecting_races(lambda: jax.grad(loss, argnums=(0, 1))(qkv, bias))
     assert not raced
     want = _fwd_bwd(lambda q, k, v: apply_rotary_attention(q, k, v, cos, sin), q, k, v, do)
     np.testing.assert_allclose(g, _packed(*want[1:]), atol=1e-5, rtol=1e-5)
+    # the bias gradient: the per-block column sums of the three thirds, from both kernels
+    np.testing.assert_allclose(g_bias, _packed(*want[1:]).sum((0, 1)), atol=1e-4, rtol=1e-5)
 
 
 def apply_rotary_attention(q, k, v, cos, sin):
@@ -592,8 +655,9 @@ def model_unfused_pallas(model_reference):
 
 def _fwd_kernel_inputs(model, ids):
     """The operand count of every forward-kernel call in the model's program (scanned: one
-    call): 3 (q, k, v) with rotary outside the kernel, 7 (+ cos and sin for the q block and
-    the kv block) with it fused."""
+    call): 3 (q, k, v) with rotary outside the kernel; 10 with it fused, where the layer takes
+    the packed path (+ cos and sin for the q block and the kv block, + the q, k and v rows of
+    the QKV bias, which the kernel adds)."""
     graphdef, state = nnx.split(model)
     calls = _pallas_calls(lambda state: nnx.merge(graphdef, state)(ids), state)
     return [len(e.invars) for e in calls
@@ -688,8 +752,8 @@ def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_
     def inputs(**changes):
         return _fwd_kernel_inputs(GPTNeoX(_MODEL_CFG.replace(**changes), rngs=nnx.Rngs(0)), ids)
 
-    assert inputs(attention_impl="pallas") == [7]                        # the default
-    assert inputs(attention_impl="pallas", fused_rotary=True) == [7]
+    assert inputs(attention_impl="pallas") == [10]                       # the default
+    assert inputs(attention_impl="pallas", fused_rotary=True) == [10]
     assert inputs(attention_impl="pallas", fused_rotary=False) == [3]
     assert inputs(attention_impl="pallas", rotary_pct=0.0) == [3]        # nothing to fuse
     assert inputs(attention_impl="auto") == []                           # CPU: auto runs xla
@@ -701,7 +765,7 @@ def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_
                for r in caplog.records)
     monkeypatch.setattr(attention, "current_platform", lambda: "tpu")
     assert resolve_impl("auto", (2, 256, 2, 64), (2, 256, 2, 64), jnp.float32) == "pallas"
-    assert inputs(attention_impl="auto") == [7]
+    assert inputs(attention_impl="auto") == [10]
     assert inputs(attention_impl="auto", fused_rotary=False) == [3]
 
 
@@ -717,7 +781,7 @@ def test_model_rotary_fused_under_auto_matches_unfused(monkeypatch, tmp_path, mo
     model = pythia_jax.from_pretrained(tmp_path / "ckpt", scan_layers=True, attention_impl="auto")
     assert model.config.attention_impl == "auto" and model.config.fused_rotary is None
     ids = model_reference[0]
-    assert _fwd_kernel_inputs(model, ids) == [7]
+    assert _fwd_kernel_inputs(model, ids) == [10]
     _assert_same_run(_logits_and_grads(model, ids), model_unfused_pallas)
 
 
@@ -773,19 +837,22 @@ _SHARDED = textwrap.dedent("""
                          NamedSharding(mesh4, P("data", None, None)))
     with logical_rules(mesh4):
         assert packed_supported("pallas", B4, T, N, H, jnp.float32, rotary_dim=H // 4)
-    def fp(x):
+    bias = jax.random.normal(jax.random.PRNGKey(8), (3 * N * H,))
+    def fp(x, b):
         with logical_rules(mesh4):
-            return attend_packed(x, num_heads=N, rotary=(c4, s4))
-    def both(x):
-        o, vjp = jax.vjp(fp, x)
-        return o, vjp(do4.reshape(B4, T, N * H))[0]
-    o4, g4 = jax.jit(both)(qkv)
+            return attend_packed(x - bias, num_heads=N, bias=b, rotary=(c4, s4))
+    def both(x, b):
+        o, vjp = jax.vjp(fp, x, b)
+        return (o,) + vjp(do4.reshape(B4, T, N * H))
+    o4, g4, gb4 = jax.jit(both)(qkv, bias)
     assert o4.sharding.spec == P("data", None, None), o4.sharding
     ref = lambda q, k, v: xla_attention(apply_rotary(q, c4, s4), apply_rotary(k, c4, s4), v)
     o_ref, vjp = jax.vjp(ref, q4, k4, v4)
     np.testing.assert_allclose(o4.reshape(B4, T, N, H), o_ref, atol=1e-5, rtol=1e-5)
     g_ref = jnp.concatenate([x.reshape(B4, T, N * H) for x in vjp(do4)], -1)
     np.testing.assert_allclose(g4, g_ref, atol=1e-5, rtol=1e-5)
+    # the replicated bias: its gradient summed over the 4 batch shards, not one shard's
+    np.testing.assert_allclose(gb4, g_ref.sum((0, 1)), atol=1e-4, rtol=1e-5)
     print("SHARDED-OK")
 """)
 

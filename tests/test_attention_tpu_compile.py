@@ -69,8 +69,9 @@ def test_oversized_blocks_are_caught_by_the_compiler():
 @pytest.mark.parametrize("H", [64, 128])
 def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
     """The packed path (q, k, v read in place from one [B, T, 3*N*H] array; two heads per
-    128-lane block at head_dim 64, per-head lane slices for the fused rotary) lowers to Mosaic,
-    within VMEM, over a 2-device batch mesh; the kernels take the flat array itself."""
+    128-lane block at head_dim 64, per-head lane slices for the fused rotary; the QKV bias
+    added in the kernels) lowers to Mosaic, within VMEM, over a 2-device batch mesh; the
+    kernels take the flat array itself."""
     heads = PYTHIA_SHAPES[H][1]
     rep = compile_report("v5e:2x2", "pallas", B, heads, T, H, rotary=True, backward=True,
                          mesh_shape=(2, 1, 1), keep_hlo=True, packed=True)
@@ -85,3 +86,12 @@ def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
     dq_calls = [line for line in rep.hlo.splitlines()
                 if "tpu_custom_call" in line and "pythia_flash_dq" in line]
     assert dq_calls and all("output_to_operand_aliasing" in line for line in dq_calls), dq_calls
+    # the QKV bias gradient comes out of the kernels as f32 column sums per block ([B, blocks,
+    # 1, D] from dQ, [B, blocks, 2, D] from dK/dV, 512-row blocks), not from a reduction of the
+    # [B, T, 3D] gradient
+    D = heads * H
+    for kname, rows in (("pythia_flash_dq", 1), ("pythia_flash_dkv", 2)):
+        calls = [line for line in rep.hlo.splitlines()
+                 if "tpu_custom_call" in line and f"%{kname}" in line.split("=")[0]]
+        assert calls and all(f"f32[{B // 2},{T // 512},{rows},{D}]" in line.split("custom-call")[0]
+                             for line in calls), (kname, calls)

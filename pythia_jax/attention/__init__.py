@@ -222,25 +222,33 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
     return True
 
 
-def attend_packed(qkv, *, num_heads: int, rotary=None, block_sizes: BlockSizes | None = None,
-                  interpret=None):
+def attend_packed(qkv, *, num_heads: int, bias=None, rotary=None,
+                  block_sizes: BlockSizes | None = None, interpret=None):
     """Causal self-attention of our Pallas kernel on the QKV projection's output as it is:
     qkv [B, T, 3*N*H] (q, k, v thirds, heads interleaved [N, H]) -> o [B, T, N*H]; rotary
-    fused (`rotary=(cos_BTR, sin_BTR)`, q and k un-rotated). Only where `packed_supported`
-    says so (the caller checks). Under an active mesh it runs per batch shard in
-    `jax.shard_map` (the heads are whole there)."""
+    fused (`rotary=(cos_BTR, sin_BTR)`, q and k un-rotated); `bias` [3*N*H]: the projection's
+    bias when qkv is its matmul alone (the kernels add it and return its gradient). Only where
+    `packed_supported` says so (the caller checks). Under an active mesh it runs per batch
+    shard in `jax.shard_map` (the heads are whole there; the bias is replicated, and its
+    gradient summed over the shards by the shard_map's transpose)."""
     fn = functools.partial(pallas_attention_packed, num_heads=num_heads, causal=True,
                            block_sizes=block_sizes, interpret=interpret)
     mesh = active_mesh()
     if mesh is None:
-        return fn(qkv, rotary=rotary)
+        return fn(qkv, bias=bias, rotary=rotary)
     spec = PartitionSpec(logical_to_spec(("batch",))[0], None, None)
-    if rotary is None:
-        return jax.shard_map(lambda x: fn(x, rotary=None), mesh=mesh, in_specs=(spec,),
-                             out_specs=spec, check_vma=False)(qkv)
-    return jax.shard_map(lambda x, c, s: fn(x, rotary=(c, s)), mesh=mesh,
-                         in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(qkv, *rotary)
+    args, specs = [qkv], [spec]
+    for extra, extra_spec in ((bias, PartitionSpec(None)), *((t, spec) for t in rotary or ())):
+        if extra is not None:
+            args.append(extra)
+            specs.append(extra_spec)
+
+    def local(x, *rest):
+        rest = list(rest)
+        b = rest.pop(0) if bias is not None else None
+        return fn(x, bias=b, rotary=tuple(rest) if rotary is not None else None)
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=spec,
+                         check_vma=False)(*args)
 
 
 def _pallas(q, k, v, rotary, *, causal, block_sizes, interpret):

@@ -218,6 +218,10 @@ class _Static:
     #: heads per block: 1 for "BNTH"; for the flat layouts the block of the merged axis must
     #: be a multiple of 128 lanes, so 128 // H heads share one (head_dim 64: 2) when H < 128.
     G: int = 1
+    #: layout "packed" only: the QKV bias [1, 3*N*H] f32 is an operand; each kernel adds its
+    #: rows to the q, k, v tiles it loads, and the backward kernels return its gradient as
+    #: per-block column sums of dq, dk, dv (no reduction of the [B, T, 3D] gradient in XLA).
+    bias: bool = False
 
     @property
     def offset(self) -> int:  # queries are the last T of the S keys
@@ -248,6 +252,13 @@ class _Static:
             b, h, blk = index(*g)
             return b, blk, lane0 + h
         return pl.BlockSpec((sq, rows, self.W), imap_flat)
+
+    def bias_spec(self, index, part: int):
+        """BlockSpec of the (1, W) row of the [1, 3D] bias that goes with the q, k or v tile
+        (`part` 0, 1, 2) of head group h; index(*grid) -> (b, h, block) as for `x_spec`."""
+        def imap(*g):
+            return 0, part * self.groups + index(*g)[1]
+        return pl.BlockSpec((1, self.W), imap)
 
     def row_spec(self, rows, index):
         """BlockSpec of the [B, N, 1, T] f32 rows (lse, di): the G heads of a block."""
@@ -282,11 +293,24 @@ class _Static:
             out = jnp.where(self.lane_mask(g), parts[g], out)
         return out
 
-    def fill_heads(self, sc, x, tables=None) -> None:
-        """Write the resident tile x (rotated first when `tables` = (cos, sin) refs are given)
-        into the per-head scratch `sc` (G, n, W): copy g keeps only head g's lanes."""
-        if tables is not None:
-            x = self.rotate(x.astype(jnp.float32), tables[0][...], tables[1][...]).astype(x.dtype)
+    def prep(self, x, bias=None, cos=None, sin=None):
+        """A q, k or v tile as the matmuls take it: plus its bias row (a (1, W) f32 ref) when
+        given, then rotated when the (n, R) f32 tables are given; in x's dtype."""
+        if bias is None and cos is None:
+            return x
+        y = x.astype(jnp.float32)
+        if bias is not None:
+            y = y + bias[...]
+        if cos is not None:
+            y = self.rotate(y, cos, sin)
+        return y.astype(x.dtype)
+
+    def fill_heads(self, sc, x, tables=None, bias=None) -> None:
+        """Write the resident tile x (plus its `bias` row ref, then rotated when `tables` =
+        (cos, sin) refs are given) into the per-head scratch `sc` (G, n, W): copy g keeps only
+        head g's lanes."""
+        cos, sin = (None, None) if tables is None else (tables[0][...], tables[1][...])
+        x = self.prep(x, bias, cos, sin)
         for g in range(self.G):
             sc[g] = self.only(g, x)
 
@@ -368,12 +392,22 @@ def _causal_chunks(n: int, causal: bool, chunk, extent) -> None:
         pl.when(needed & jnp.logical_not(unmasked))(functools.partial(chunk, c, True))
 
 
+def _take(refs: list, n: int, present: bool = True) -> list:
+    """The first n of a kernel's `refs`, removed from the list (n Nones when not `present`)."""
+    if not present:
+        return [None] * n
+    out = refs[:n]
+    del refs[:n]
+    return out
+
+
 def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
-    if st.rotary:
-        (q_ref, k_ref, v_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         o_ref, lse_ref, m_sc, l_sc, acc_sc, *q_sc) = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *q_sc = refs
+    refs = list(refs)
+    q_ref, k_ref, v_ref = _take(refs, 3)
+    qc_ref, qs_ref, kc_ref, ks_ref = _take(refs, 4, st.rotary)
+    qb_ref, kb_ref, vb_ref = _take(refs, 3, st.bias)
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = _take(refs, 5)
+    q_sc = refs  # [] or the per-head copies of the resident q tile
     i, j = pl.program_id(2), pl.program_id(3)
     G = st.G
 
@@ -382,17 +416,15 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-        if q_sc:  # q rotated and/or cut to each head's lanes, once per resident q block
-            st.fill_heads(q_sc[0], q_ref[...], (qc_ref, qs_ref) if st.rotary else None)
+        if q_sc:  # q biased, rotated and/or cut to each head's lanes, once per q block
+            st.fill_heads(q_sc[0], q_ref[...], (qc_ref, qs_ref) if st.rotary else None, qb_ref)
 
     row0 = i * bq + st.offset  # key position of the block's first query
 
     def chunk(c, masked):
         sl = pl.ds(c * bkc, bkc)
-        k = k_ref[sl, :]
-        if st.rotary:
-            k = st.rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
-        v = v_ref[sl, :]
+        k = st.prep(k_ref[sl, :], kb_ref, *((kc_ref[sl, :], ks_ref[sl, :]) if st.rotary else ()))
+        v = st.prep(v_ref[sl, :], vb_ref)
         for g in range(G):  # the lanes of the other heads of q are zero: s is head g's
             q = q_sc[0][g] if q_sc else q_ref[...]
             s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
@@ -427,14 +459,14 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
 
 def _q_scratch(st: _Static, rows: int, dtype):
-    """Per-head copies of a resident tile (rotated when fused, cut to one head's lanes when a
-    block holds several): none when the tile is used as it comes."""
-    if st.G == 1 and not st.rotary:
+    """Per-head copies of a resident tile (biased and / or rotated when fused, cut to one
+    head's lanes when a block holds several): none when the tile is used as it comes."""
+    if st.G == 1 and not st.rotary and not st.bias:
         return []
     return [pltpu.VMEM((st.G, rows, st.W), dtype)]
 
 
-def _fwd_call(q, k, v, rot, st: _Static):
+def _fwd_call(q, k, v, rot, st: _Static, bias=None):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     NG = st.groups
     bl = st.blocks
@@ -461,22 +493,27 @@ def _fwd_call(q, k, v, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
+    if st.bias:
+        in_specs += [st.bias_spec(lambda b, h, i, j: (b, h, i), part) for part in range(3)]
+        args += [bias] * 3
     out_shape = [st.out_shape(B, q.dtype), jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)]
     out_specs = [q_spec, st.row_spec(bq, lambda b, h, i, j: (b, h, i))]
     kernel = functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    rot_cost = (0, 0)
+    rot_cost = bias_cost = (0, 0)
+    kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
+                             lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
     if st.rotary:  # q once per q block; k per compute chunk that runs
-        kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
-                                 lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
         rot_cost = _rotary_cost(B, N, R, rotated_rows=T + ran * bkc, groups=NG,
                                 tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
                                         (bk, kv_seq)])
+    if st.bias:  # q once per q block; k and v per compute chunk that runs
+        bias_cost = _bias_cost(B, N, H, biased_rows=T + 2 * ran * bkc)
     cost = _cost(4 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (2 * T + 2 * S * max(1, nq * frac)) + 4 * B * N * T,
-                 rot_cost)
+                 rot_cost, bias_cost)
     o, lse = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, NG, nq, nk), in_specs=in_specs,
         out_specs=out_specs, scratch_shapes=scratch, compiler_params=_compiler_params(3),
@@ -562,32 +599,41 @@ def _rotary_cost(B, N, R, *, rotated_rows, tables, groups):
     return flops, ROTARY_TABLE_BYTES * R * rows
 
 
-def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0)):
-    return pl.CostEstimate(flops=int(flops) + rotary[0], transcendentals=int(transcendentals),
-                           bytes_accessed=int(bytes_accessed) + rotary[1])
+def _bias_cost(B, N, H, *, biased_rows, summed_rows=0, partials=0):
+    """(flops, bytes) of the fused QKV bias, per (batch, head): `biased_rows` rows of H channels
+    get their bias row added (one add each), the three (1, H) f32 bias rows are read once (their
+    block index changes only with the head), `summed_rows` gradient rows are summed (one add
+    each) into `partials` f32 rows of column sums written back."""
+    return B * N * H * (biased_rows + summed_rows), 4 * B * N * H * (3 + partials)
+
+
+def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0), bias=(0, 0)):
+    return pl.CostEstimate(flops=int(flops) + rotary[0] + bias[0],
+                           transcendentals=int(transcendentals),
+                           bytes_accessed=int(bytes_accessed) + rotary[1] + bias[1])
 
 
 # ------------------------------------------------------------------------------------------------
 # dQ kernel: resident q block, walks kv blocks.
 def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
-    if st.layout == "packed":  # drop the last input: the aliased [B, T, 3D] gradient buffer
-        n_in = 6 + 4 * st.rotary  # (dk and dv are in it already; this kernel adds dq)
-        refs = refs[:n_in] + refs[n_in + 1:]
-    if st.rotary:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         dq_ref, dq_sc, *res_sc) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *res_sc = refs
-    i, j = pl.program_id(2), pl.program_id(3)
     G = st.G
-    q_sc = res_sc[0] if (st.rotary or G > 1) else None
-    do_sc = res_sc[-1] if G > 1 else None
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = _take(refs, 6)
+    qc_ref, qs_ref, kc_ref, ks_ref = _take(refs, 4, st.rotary)
+    qb_ref, kb_ref, vb_ref = _take(refs, 3, st.bias)
+    # packed: the aliased [B, T, 3D] gradient buffer (dk and dv are in it already; dq_ref
+    # is its q third)
+    _take(refs, 1, st.layout == "packed")
+    dq_ref, db_ref, dq_sc = _take(refs, 1) + _take(refs, 1, st.bias) + _take(refs, 1)
+    q_sc, = _take(refs, 1, st.rotary or G > 1 or st.bias)
+    do_sc, = _take(refs, 1, G > 1)
+    i, j = pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
         if q_sc is not None:
-            st.fill_heads(q_sc, q_ref[...], (qc_ref, qs_ref) if st.rotary else None)
+            st.fill_heads(q_sc, q_ref[...], (qc_ref, qs_ref) if st.rotary else None, qb_ref)
         if do_sc is not None:
             st.fill_heads(do_sc, do_ref[...])
 
@@ -595,10 +641,8 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
 
     def chunk(c, masked):
         sl = pl.ds(c * bkc, bkc)
-        k = k_ref[sl, :]
-        if st.rotary:
-            k = st.rotate(k.astype(jnp.float32), kc_ref[sl, :], ks_ref[sl, :]).astype(k.dtype)
-        v = v_ref[sl, :]
+        k = st.prep(k_ref[sl, :], kb_ref, *((kc_ref[sl, :], ks_ref[sl, :]) if st.rotary else ()))
+        v = st.prep(v_ref[sl, :], vb_ref)
         for g in range(G):
             q = q_ref[...] if q_sc is None else q_sc[g]
             do = do_ref[...] if do_sc is None else do_sc[g]
@@ -626,9 +670,11 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         if st.rotary:
             dq = st.rotate_t(dq, qc_ref[...], qs_ref[...])
         dq_ref[...] = dq.astype(dq_ref.dtype)
+        if st.bias:  # this q block's share of the q bias gradient
+            db_ref[...] = jnp.sum(dq, axis=0, keepdims=True)
 
 
-def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
+def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None, bias=None):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     NG, G, W = st.groups, st.G, st.W
     bl = st.blocks
@@ -657,28 +703,38 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
+    if st.bias:
+        in_specs += [st.bias_spec(lambda b, h, i, j: (b, h, i), part) for part in range(3)]
+        args += [bias] * 3
     out_shape, aliases = st.out_shape(B, q.dtype), {}
     if into is not None:  # dq into the q third of the packed gradient buffer (q_spec's blocks)
         out_shape, aliases = jax.ShapeDtypeStruct(into.shape, into.dtype), {len(args): 0}
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         args.append(into)
+    out_specs = q_spec
+    if st.bias:  # column sums of each q block's dq: [B, T / bq, 1, D] f32
+        out_shape = [out_shape, jax.ShapeDtypeStruct((B, nq, 1, N * H), jnp.float32)]
+        out_specs = [q_spec, pl.BlockSpec((sq, sq, 1, W), lambda b, h, i, j: (b, i, 0, h))]
     kernel = functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, bkc=bkc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    rot_cost = (0, 0)
+    rot_cost = bias_cost = (0, 0)
+    kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
+                             lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
     if st.rotary:  # q once and dq back once per q block; k per compute chunk that runs
-        kv_seq, ran = _grid_walk(nq, nk, lambda i, j: _kv_block(i, j, bq, bk, st),
-                                 lambda i, j: _chunks_run(i, j, bq, bk, bkc, st, kv_walk=True))
         rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * T + ran * bkc, groups=NG,
                                 tables=[(bq, [i for i in range(nq) for _ in range(nk)]),
                                         (bk, kv_seq)])
+    if st.bias:  # q once per q block, k and v per chunk; dq summed once per q block
+        bias_cost = _bias_cost(B, N, H, biased_rows=T + 2 * ran * bkc, summed_rows=T,
+                               partials=nq)
     cost = _cost(6 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (3 * T + 2 * S * max(1, nq * frac)) + 8 * B * N * T,
-                 rot_cost)
+                 rot_cost, bias_cost)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, NG, nq, nk), in_specs=in_specs,
-        out_specs=q_spec, scratch_shapes=scratch, input_output_aliases=aliases,
+        out_specs=out_specs, scratch_shapes=scratch, input_output_aliases=aliases,
         compiler_params=_compiler_params(3), interpret=st.interpret, cost_estimate=cost,
         name="pythia_flash_dq",
     )(*args)
@@ -688,38 +744,36 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None):
 # dK/dV kernel: resident kv block, walks q blocks; transposed (bk, bq) score tiles.
 def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
     packed = st.layout == "packed"
-    if packed:  # one output in HBM, [B, S, 3D]; the last scratch: staging tile, DMA semaphores
-        *refs, stage, sems = refs
-        n_in = 6 + 4 * st.rotary
-        dqkv_hbm = refs[n_in]
-        refs = refs[:n_in] + [None, None] + refs[n_in + 1:]  # (no dk_ref, dv_ref)
-        b, h = pl.program_id(0), pl.program_id(1)  # (read here: interpret mode needs it)
-    if st.rotary:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, qs_ref, kc_ref, ks_ref,
-         dk_ref, dv_ref, dk_sc, dv_sc, *res_sc) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc, *res_sc = refs
-    j, i = pl.program_id(2), pl.program_id(3)
     G = st.G
-    k_sc = res_sc[0] if (st.rotary or G > 1) else None
-    v_sc = res_sc[-1] if G > 1 else None
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = _take(refs, 6)
+    qc_ref, qs_ref, kc_ref, ks_ref = _take(refs, 4, st.rotary)
+    qb_ref, kb_ref, vb_ref = _take(refs, 3, st.bias)
+    # packed: one output in HBM, [B, S, 3D], which dk and dv are copied into
+    dqkv_hbm, = _take(refs, 1, packed)
+    dk_ref, dv_ref = _take(refs, 2, not packed)
+    db_ref, = _take(refs, 1, st.bias)
+    dk_sc, dv_sc = _take(refs, 2)
+    k_sc, = _take(refs, 1, st.rotary or G > 1 or st.bias)
+    v_sc, = _take(refs, 1, G > 1 or st.bias)
+    stage, sems = _take(refs, 2, packed)  # the staging tile and the DMA semaphores
+    b, h = pl.program_id(0), pl.program_id(1)  # (read here: interpret mode needs it)
+    j, i = pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
         if k_sc is not None:
-            st.fill_heads(k_sc, k_ref[...], (kc_ref, ks_ref) if st.rotary else None)
+            st.fill_heads(k_sc, k_ref[...], (kc_ref, ks_ref) if st.rotary else None, kb_ref)
         if v_sc is not None:
-            st.fill_heads(v_sc, v_ref[...])
+            st.fill_heads(v_sc, v_ref[...], None, vb_ref)
 
     col0 = j * bk  # position of the block's first key
 
     def chunk(c, masked):
         sl = pl.ds(c * bqc, bqc)
-        q = q_ref[sl, :]
-        if st.rotary:
-            q = st.rotate(q.astype(jnp.float32), qc_ref[sl, :], qs_ref[sl, :]).astype(q.dtype)
+        q = st.prep(q_ref[sl, :], qb_ref, *((qc_ref[sl, :], qs_ref[sl, :]) if st.rotary else ()))
         do = do_ref[sl, :]
         for g in range(G):
             k = k_ref[...] if k_sc is None else k_sc[g]
@@ -750,6 +804,9 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
         if st.rotary:
             dk = st.rotate_t(dk, kc_ref[...], ks_ref[...])
         dv = st.merge([dv_sc[g] for g in range(G)])
+        if st.bias:  # this kv block's share of the k and v bias gradients
+            db_ref[pl.ds(0, 1), :] = jnp.sum(dk, axis=0, keepdims=True)
+            db_ref[pl.ds(1, 1), :] = jnp.sum(dv, axis=0, keepdims=True)
         if not packed:
             dk_ref[...] = dk.astype(dk_ref.dtype)
             dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -769,7 +826,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
             c.wait()
 
 
-def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
+def _dkv_call(q, k, v, do, lse, di, rot, st: _Static, bias=None):
     B, N, T, S, H = q.shape[0], st.N, st.T, st.S, st.H
     NG, G, W = st.groups, st.G, st.W
     bl = st.blocks
@@ -790,7 +847,7 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
     args = [q, k, v, do, lse, di]
     scratch = ([pltpu.VMEM((G, bk, W), jnp.float32), pltpu.VMEM((G, bk, W), jnp.float32)]
                + _q_scratch(st, bk, k.dtype))
-    if G > 1:  # v cut to each head's lanes
+    if G > 1 or st.bias:  # v biased and / or cut to each head's lanes
         scratch.append(pltpu.VMEM((G, bk, W), v.dtype))
     packed = st.layout == "packed"
     if packed:  # the staging tile of dk, dv and the semaphores of their copies to HBM
@@ -802,26 +859,37 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static):
         k_tab = pl.BlockSpec((sq, bk, R), lambda b, h, j, i: (b, j, 0))
         in_specs += [q_tab, q_tab, k_tab, k_tab]
         args += [cos, sin, cos, sin]
+    if st.bias:
+        in_specs += [st.bias_spec(lambda b, h, j, i: (b, h, j), part) for part in range(3)]
+        args += [bias] * 3
     kernel = functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk, bqc=bqc,
                                prec=_precision(q.dtype))
     frac = _causal_fraction(T, S) if st.causal else 1.0
     itemsize = jnp.dtype(q.dtype).itemsize
-    rot_cost = (0, 0)
+    rot_cost = bias_cost = (0, 0)
+    q_seq, ran = _grid_walk(nk, nq, lambda j, i: _q_block(j, i, bq, bk, st),
+                            lambda j, i: _chunks_run(j, i, bk, bq, bqc, st, kv_walk=False))
+    if st.bias:  # k and v once per kv block, q per chunk; dk and dv summed once per kv block
+        bias_cost = _bias_cost(B, N, H, biased_rows=2 * S + ran * bqc, summed_rows=2 * S,
+                               partials=2 * nk)
     if st.rotary:  # k once and dk back once per kv block; q per compute chunk that runs
-        q_seq, ran = _grid_walk(nk, nq, lambda j, i: _q_block(j, i, bq, bk, st),
-                                lambda j, i: _chunks_run(j, i, bk, bq, bqc, st, kv_walk=False))
         rot_cost = _rotary_cost(B, N, R, rotated_rows=2 * S + ran * bqc, groups=NG,
                                 tables=[(bk, [j for j in range(nk) for _ in range(nq)]),
                                         (bq, q_seq)])
     cost = _cost(8 * B * N * T * S * H * frac, B * N * T * S * frac,
                  itemsize * B * N * H * (4 * S + 2 * T * max(1, nk * frac))
-                 + 8 * B * N * T * max(1, nk * frac), rot_cost)
+                 + 8 * B * N * T * max(1, nk * frac), rot_cost, bias_cost)
     kv_shape = (jax.ShapeDtypeStruct((B, N, S, H), k.dtype) if st.layout == "BNTH"
                 else jax.ShapeDtypeStruct((B, S, N * H), k.dtype))
     out_shapes, out_specs = [kv_shape, kv_shape], [out_spec, out_spec]
     if packed:  # one [B, S, 3D] array: dk and dv in their thirds (dq: `_dq_call(into=...)`)
-        out_shapes = jax.ShapeDtypeStruct((B, S, 3 * N * H), k.dtype)
-        out_specs = pl.BlockSpec(memory_space=pl.ANY)
+        out_shapes = [jax.ShapeDtypeStruct((B, S, 3 * N * H), k.dtype)]
+        out_specs = [pl.BlockSpec(memory_space=pl.ANY)]
+    if st.bias:  # column sums of each kv block's dk (row 0) and dv (row 1): [B, S / bk, 2, D]
+        out_shapes.append(jax.ShapeDtypeStruct((B, nk, 2, N * H), jnp.float32))
+        out_specs.append(pl.BlockSpec((sq, sq, 2, W), lambda b, h, j, i: (b, j, 0, h)))
+    if len(out_shapes) == 1:
+        out_shapes, out_specs = out_shapes[0], out_specs[0]
     return pl.pallas_call(
         kernel, out_shape=out_shapes, grid=(B, NG, nk, nq), in_specs=in_specs,
         out_specs=out_specs, scratch_shapes=scratch,
@@ -851,8 +919,9 @@ def _flash_bwd(st: _Static, res, cts):
     return dq, dk, dv, drot
 
 
-def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static):
-    """(dq, dk, dv); for the packed layout one [B, T, 3D] array holding all three."""
+def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static, bias=None):
+    """(dq, dk, dv); for the packed layout (dqkv, dbias): one [B, T, 3D] array holding all
+    three, and the [1, 3D] bias gradient (None without a bias operand)."""
     do = do.astype(q.dtype)
     prod = o.astype(jnp.float32) * do.astype(jnp.float32)
     if st.layout == "BNTH":
@@ -863,8 +932,14 @@ def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static):
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         di = di - dlse.astype(jnp.float32)
     if st.layout == "packed":  # one [B, T, 3D] gradient: dk, dv copied in, then dq in place
-        return _dq_call(q, k, v, do, lse, di, rot, st,
-                        into=_dkv_call(q, k, v, do, lse, di, rot, st))
+        if not st.bias:
+            return _dq_call(q, k, v, do, lse, di, rot, st,
+                            into=_dkv_call(q, k, v, do, lse, di, rot, st)), None
+        buf, db_kv = _dkv_call(q, k, v, do, lse, di, rot, st, bias=bias)
+        dqkv, db_q = _dq_call(q, k, v, do, lse, di, rot, st, into=buf, bias=bias)
+        # the per-block column sums ([B, blocks, 1 or 2, D]) -> [1, 3D] (q, k, v thirds)
+        db = jnp.concatenate([db_q.sum((0, 1)), db_kv.sum((0, 1))], axis=0)
+        return dqkv, db.reshape(1, -1)
     dq = _dq_call(q, k, v, do, lse, di, rot, st)
     dk, dv = _dkv_call(q, k, v, do, lse, di, rot, st)
     return dq, dk, dv
@@ -875,22 +950,25 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # The packed layout: q, k and v are read in place from the QKV projection's [B, T, 3*N*H]
 # output, and their gradients come back as one array of that shape.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _flash_packed(qkv, rot, st: _Static):
-    return _fwd_call(qkv, qkv, qkv, rot, st)
+# With a bias operand (`st.bias`, [1, 3D] f32) the kernels add it to the tiles they load, so
+# the QKV projection hands over its matmul without the bias add, and its gradient comes back
+# from the kernels' column sums.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_packed(qkv, bias, rot, st: _Static):
+    return _fwd_call(qkv, qkv, qkv, rot, st, bias)
 
 
-def _flash_packed_fwd(qkv, rot, st: _Static):
-    o, lse = _fwd_call(qkv, qkv, qkv, rot, st)
-    return (o, lse), (qkv, rot, o, lse)
+def _flash_packed_fwd(qkv, bias, rot, st: _Static):
+    o, lse = _fwd_call(qkv, qkv, qkv, rot, st, bias)
+    return (o, lse), (qkv, bias, rot, o, lse)
 
 
 def _flash_packed_bwd(st: _Static, res, cts):
-    qkv, rot, o, lse = res
+    qkv, bias, rot, o, lse = res
     do, dlse = cts
-    dqkv = _backward(qkv, qkv, qkv, rot, o, lse, do, dlse, st)
+    dqkv, dbias = _backward(qkv, qkv, qkv, rot, o, lse, do, dlse, st, bias)
     drot = None if rot is None else jax.tree.map(jnp.zeros_like, rot)
-    return dqkv, drot
+    return dqkv, dbias, drot
 
 
 _flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
@@ -908,7 +986,7 @@ def heads_per_block(H: int, N: int) -> int | None:
 
 
 def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_sizes,
-               interpret, return_lse):
+               interpret, return_lse, bias=None):
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     blocks = check_supported((B, N, T, H), (B, N, S, H), rotary_dim=rotary_dim, causal=causal,
                              block_sizes=block_sizes, layout="BNTH")
@@ -933,9 +1011,10 @@ def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_s
             f"(lane blocks of {NUM_LANES}), got head_dim={H}, heads={N}")
     st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
                  blocks=blocks, interpret=resolve_interpret(interpret, "pallas"),
-                 rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout, G=G)
+                 rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout, G=G,
+                 bias=bias is not None)
     if layout == "packed":
-        o, lse = _flash_packed(q, rot, st)
+        o, lse = _flash_packed(q, bias, rot, st)
     else:
         o, lse = _flash(q, k.astype(dtype), v.astype(dtype), rot, st)
     return o, lse[:, :, 0, :]
@@ -993,7 +1072,7 @@ def pallas_attention(q_BTNH, k_BSNH, v_BSNH, *, causal: bool = True, scale: floa
     return (o, lse) if return_lse else o
 
 
-def pallas_attention_packed(qkv_BTD3, *, num_heads: int, causal: bool = True,
+def pallas_attention_packed(qkv_BTD3, *, num_heads: int, bias=None, causal: bool = True,
                             scale: float | None = None, rotary=None,
                             block_sizes: BlockSizes | None = None, interpret=None,
                             return_lse: bool = False):
@@ -1005,6 +1084,12 @@ def pallas_attention_packed(qkv_BTD3, *, num_heads: int, causal: bool = True,
     the q, k or v third, `heads_per_block(H, N)` heads per 128-lane block. The gradient comes
     back as one [B, T, 3*N*H] array. Needs key length == query length and a head_dim that
     `heads_per_block` accepts (else `UnsupportedShapeError`); `rotary` as in `pallas_attention`.
+
+    `bias` ([3*N*H], optional): the QKV projection's bias, when `qkv_BTD3` is the matmul
+    without it. The kernels add it (in f32) to each q, k, v tile they load and return its
+    gradient as column sums of dq, dk, dv, so XLA never reduces the [B, T, 3*N*H] gradient.
+    Same result as passing `qkv_BTD3 + bias` (up to the rounding of the matmul's output before
+    the add instead of after it, in bf16).
     """
     if qkv_BTD3.ndim != 3:
         raise UnsupportedShapeError(f"pallas attention (packed): expected qkv [B, T, 3*N*H], "
@@ -1018,7 +1103,12 @@ def pallas_attention_packed(qkv_BTD3, *, num_heads: int, causal: bool = True,
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
     check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=causal,
                     block_sizes=block_sizes, layout="BTNH")
+    if bias is not None:
+        if tuple(jnp.shape(bias)) != (D3,):
+            raise UnsupportedShapeError(f"pallas attention (packed): bias must be [{D3}] (the "
+                                        f"last axis of qkv), got shape {tuple(jnp.shape(bias))}")
+        bias = jnp.asarray(bias).astype(jnp.float32).reshape(1, D3)
     o, lse = _attention(qkv_BTD3, None, None, layout="packed", B=B, N=N, T=T, S=T, H=H,
                         causal=causal, scale=scale, rotary=rotary, block_sizes=block_sizes,
-                        interpret=interpret, return_lse=return_lse)
+                        interpret=interpret, return_lse=return_lse, bias=bias)
     return (o, lse) if return_lse else o

@@ -157,8 +157,8 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
                    mesh_shape: tuple[int, int, int] = (1, 1, 1), block_sizes=None,
                    keep_hlo: bool = False, packed: bool = False) -> CompileReport:
     """Compile `attend(impl=...)` (forward, or forward + vjp) for one TPU chip, deviceless.
-    `packed`: `attend_packed` on one [B, T, 3*N*H] array instead (impl "pallas", no mesh axis
-    over the heads)."""
+    `packed`: `attend_packed` on one [B, T, 3*N*H] array and the [3*N*H] QKV bias instead
+    (impl "pallas", no mesh axis over the heads; as the model's layer calls it)."""
     topo = topology_desc(TOPOLOGIES[chip] if ":" not in chip else chip)
     chip_key = chip.split(":")[0]
     n = int(np.prod(mesh_shape))
@@ -176,13 +176,13 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
         o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, cos, sin), q, k, v)
         return (o,) + tuple(vjp(o))
 
-    def fwd_packed(qkv, cos, sin):
+    def fwd_packed(qkv, bias, cos, sin):
         with logical_rules(mesh):
-            return attend_packed(qkv, num_heads=N, rotary=(cos, sin) if rotary else None,
-                                 **kwargs)
+            return attend_packed(qkv, num_heads=N, bias=bias,
+                                 rotary=(cos, sin) if rotary else None, **kwargs)
 
-    def fwd_bwd_packed(qkv, cos, sin):
-        o, vjp = jax.vjp(lambda x: fwd_packed(x, cos, sin), qkv)
+    def fwd_bwd_packed(qkv, bias, cos, sin):
+        o, vjp = jax.vjp(lambda x, b: fwd_packed(x, b, cos, sin), qkv, bias)
         return (o,) + tuple(vjp(o))
 
     x_sh = NamedSharding(mesh, P(BATCH_AXES, None, "tensor", None))
@@ -191,7 +191,9 @@ def compile_report(chip: str, impl: str, B: int, N: int, T: int, H: int, *,
     tab = jax.ShapeDtypeStruct((B, T, R), jnp.float32, sharding=t_sh)
     if packed:
         fn = fwd_bwd_packed if backward else fwd_packed
-        args = (jax.ShapeDtypeStruct((B, T, 3 * N * H), dtype, sharding=t_sh), tab, tab)
+        args = (jax.ShapeDtypeStruct((B, T, 3 * N * H), dtype, sharding=t_sh),
+                jax.ShapeDtypeStruct((3 * N * H,), jnp.float32,
+                                     sharding=NamedSharding(mesh, P(None))), tab, tab)
     else:
         fn = fwd_bwd if backward else fwd
         args = (x, x, x, tab, tab)
