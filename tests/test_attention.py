@@ -187,7 +187,7 @@ def test_packed_kernels_add_the_qkv_bias_and_return_its_gradient(H, N, case):
     """`bias=` hands the QKV bias to the kernels beside the bias-free matmul output: o and the
     gradients of qkv and of the bias equal the f32 reference on `qkv + bias` (fused rotary),
     and the bias gradient comes from the kernels' per-block column sums: nothing in the
-    program reduces a [B, T, 3*N*H] array."""
+    program reduces a [B, T, 3*N*H] array (nor o * do per head: the di kernel's rows)."""
     T, blocks = BLOCK_CASES[case]
     B = 2
     q, k, v, do = _inputs(B, T, N, H, seed=5)
@@ -217,6 +217,10 @@ def test_packed_kernels_add_the_qkv_bias_and_return_its_gradient(H, N, case):
     assert float(jnp.max(jnp.abs(g[1]))) > 1.0  # a gradient worth checking
     assert not _reduces_of_shape(jax.grad(loss(got), argnums=1), (B, T, D3), qkv, bias)
     assert _reduces_of_shape(jax.grad(loss(ref), argnums=1), (B, T, D3), qkv, bias)  # can fail
+    # di = rowsum(o * do) is the di kernel's rows, not an XLA reduce of a [B, T, N, H] product
+    assert not _reduces_of_shape(jax.grad(loss(got), argnums=1), (B, T, N, H), qkv, bias)
+    names = {e.params["name"] for e in _pallas_calls(jax.grad(loss(got), argnums=1), qkv, bias)}
+    assert "pythia_flash_di" in names, names
     for wrong in (bias[:-1], bias.reshape(3, -1)):
         with pytest.raises(UnsupportedShapeError, match=rf"bias must be \[{D3}\]"):
             pallas_attention_packed(qkv, num_heads=N, bias=wrong)

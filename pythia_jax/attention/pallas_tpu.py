@@ -21,7 +21,9 @@ Algorithm (FlashAttention-2 style, written for the TPU's (8, 128) tiling):
   below it run without any mask arithmetic, and only chunks crossing the diagonal build the
   iota mask. Large DMA blocks thus do not cost large causal waste.
 * Backward: residuals are q, k, v, o and the lse row. `di = rowsum(o * do)` is computed in XLA
-  (minus the lse cotangent, so a differentiated lse is handled exactly). The dK/dV kernel walks
+  for the head-major layout and by a small kernel of its own for the flat ones (each o and do
+  tile read once, one row per head out), minus the lse cotangent in XLA (so a differentiated
+  lse is handled exactly). The dK/dV kernel walks
   q blocks for a resident kv block and works on transposed score tiles (bk, bq) so the lse and di
   rows broadcast along sublanes; its q-block index map clamps the blocks below the needed range
   (no DMA). The dQ kernel walks kv blocks for a resident q block (same clamp as the forward).
@@ -30,7 +32,10 @@ Algorithm (FlashAttention-2 style, written for the TPU's (8, 128) tiling):
   array written in place: the dK/dV kernel copies each finished dk and dv tile by DMA into the
   k and v thirds of its HBM output (two column blocks a third of the row apart, which no one
   BlockSpec names), and the dQ kernel takes that array aliased and writes the q third through
-  its ordinary output BlockSpec. No concatenation of dq, dk, dv reaches XLA.
+  its ordinary output BlockSpec. No concatenation of dq, dk, dv reaches XLA. With the QKV bias
+  as an operand (packed layout) every kernel adds its rows to the q, k, v tiles it loads, and
+  the backward kernels also write the column sums of each finished dq, dk, dv block: the bias
+  gradient is the sum of those few rows, not a reduction of the [B, T, 3D] gradient.
 * Fused rotary (optional): `rotary=(cos_BTR, sin_BTR)` float32 tables (NeoX rotate-half over the
   first R channels of each head). q and k go in un-rotated; each kernel fetches the table rows of
   its q / kv block (positions = block offset + row) with the same index maps as q / k and rotates
@@ -614,6 +619,34 @@ def _cost(flops, transcendentals, bytes_accessed, rotary=(0, 0), bias=(0, 0)):
 
 
 # ------------------------------------------------------------------------------------------------
+# di = rowsum(o * do) per head, for the flat layouts: [B, T, N*H] tiles in, [B, N, 1, T] rows out.
+def _di_kernel(o_ref, do_ref, di_ref, *, st: _Static):
+    prod = o_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32)  # (bt, W)
+    for g in range(st.G):  # head g's lanes summed, the column turned into a row
+        col = jnp.sum(st.only(g, prod), axis=1, keepdims=True)  # (bt, 1)
+        di_ref[g] = jnp.transpose(jnp.broadcast_to(col, (col.shape[0], NUM_LANES)))[:1, :]
+
+
+def _di_call(o, do, st: _Static):
+    """rowsum(o * do) of each head as the backward kernels read it, [B, N, 1, T] f32. XLA's
+    version of it, on a flat [B, T, N*H] layout at head_dim < 128, materialises the f32 product
+    in a transposed layout to reduce 64-lane groups; here each tile is read once."""
+    B, N, T, H = o.shape[0], st.N, st.T, st.H
+    bt = st.blocks.block_q_dkv
+    spec = st.x_spec(bt, lambda b, h, i: (b, h, i))
+    return pl.pallas_call(
+        functools.partial(_di_kernel, st=st),
+        out_shape=jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32),
+        grid=(B, st.groups, T // bt), in_specs=[spec, spec],
+        out_specs=st.row_spec(bt, lambda b, h, i: (b, h, i)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
+        interpret=st.interpret, name="pythia_flash_di",
+        cost_estimate=_cost(2 * B * T * N * H, 0,
+                            2 * jnp.dtype(o.dtype).itemsize * B * T * N * H + 4 * B * N * T),
+    )(o, do)
+
+
+# ------------------------------------------------------------------------------------------------
 # dQ kernel: resident q block, walks kv blocks.
 def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
     G = st.G
@@ -923,12 +956,10 @@ def _backward(q, k, v, rot, o, lse, do, dlse, st: _Static, bias=None):
     """(dq, dk, dv); for the packed layout (dqkv, dbias): one [B, T, 3D] array holding all
     three, and the [1, 3D] bias gradient (None without a bias operand)."""
     do = do.astype(q.dtype)
-    prod = o.astype(jnp.float32) * do.astype(jnp.float32)
     if st.layout == "BNTH":
-        di = jnp.sum(prod, axis=-1)[:, :, None, :]
+        di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
     else:  # [B, T, N*H] -> [B, N, 1, T]
-        di = jnp.sum(prod.reshape(prod.shape[0], st.T, st.N, st.H), axis=-1)
-        di = jnp.swapaxes(di, 1, 2)[:, :, None, :]
+        di = _di_call(o, do, st)
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         di = di - dlse.astype(jnp.float32)
     if st.layout == "packed":  # one [B, T, 3D] gradient: dk, dv copied in, then dq in place
