@@ -738,13 +738,13 @@ def test_model_packed_path_at_head_dim_128_matches_the_split_path():
     assert _fwd_kernel_qkv(packed, ids) == [((2, 256, 3 * 256), True)]
     assert _fwd_kernel_qkv(split, ids) == [((2, 2, 256, 128), False)]
     _assert_same_run(_logits_and_grads(packed, ids), _logits_and_grads(split, ids))
-    # the widths where the split path was estimated faster (6.9b, 12b on v5p) keep it
-    from pythia_jax.attention import PACKED_MAX_WIDTH, packed_supported
-    assert PACKED_MAX_WIDTH == 2048
+    # every Pythia width at head_dim 128 / 256 takes it (1b, 1.4b, 6.9b, 12b); 2.8b (80) not
+    from pythia_jax.attention import packed_supported
     assert packed_supported("pallas", 2, 256, 16, 128, jnp.bfloat16, rotary_dim=32)  # 1.4b
     assert packed_supported("pallas", 2, 256, 8, 256, jnp.bfloat16, rotary_dim=64)  # 1b
-    assert not packed_supported("pallas", 2, 256, 32, 128, jnp.bfloat16, rotary_dim=32)  # 6.9b
-    assert not packed_supported("pallas", 2, 256, 40, 128, jnp.bfloat16, rotary_dim=32)  # 12b
+    assert packed_supported("pallas", 2, 256, 32, 128, jnp.bfloat16, rotary_dim=32)  # 6.9b
+    assert packed_supported("pallas", 2, 256, 40, 128, jnp.bfloat16, rotary_dim=32)  # 12b
+    assert not packed_supported("pallas", 2, 256, 32, 80, jnp.bfloat16, rotary_dim=20)  # 2.8b
 
 
 def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_reference):

@@ -38,7 +38,7 @@ from pythia_jax.attention.xla import xla_attention
 from pythia_jax.layers import apply_rotary
 from pythia_jax.sharding import active_mesh, logical_to_spec
 
-__all__ = ["attend", "attend_packed", "packed_supported", "PACKED_MAX_WIDTH", "resolve_impl",
+__all__ = ["attend", "attend_packed", "packed_supported", "resolve_impl",
            "xla_attention", "pallas_attention", "BlockSizes", "UnsupportedShapeError", "IMPLS",
            "AUTO_TPU_PREFERENCE", "AUTO_TPU_ENV", "target_platform", "current_platform"]
 
@@ -191,16 +191,12 @@ def _heads_split(mesh) -> bool:
     return size > 1
 
 
-#: The widest model (N * H) that takes the packed path (`packed_supported`).
-PACKED_MAX_WIDTH = 2048
-
-
 def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
                      rotary_dim: int | None) -> bool:
     """Whether `attend_packed` runs for these shapes: `impl` is our Pallas kernel ("pallas", or
     "auto" where it picks it; never a fallback), a head_dim that `heads_per_block(H, N)`
-    accepts (64, 128, 256; not 80), a model width N*H of at most `PACKED_MAX_WIDTH` (70m-1.4b;
-    6.9b and 12b keep the split path), and no mesh axis splits the heads (the flat
+    accepts (64, 128, 256; not 80: 2.8b keeps the split path), and no mesh axis splits the
+    heads (the flat
     [B, T, 3*N*H] array would not split along them). Else the layer splits q, k, v and calls
     `attend` as always."""
     if impl == "auto":
@@ -209,11 +205,11 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
     elif impl != "pallas":
         return False
     G = heads_per_block(H, N)
-    # Measured (bench/RESULTS.md, one layer by the cycles model), packed against split: 70m
-    # (width 512) 0.74x on v5e; 1b and 1.4b (2048) 0.95x on v5e, 1.4b 0.91x on v5p; 6.9b (4096)
-    # 0.96x on v5e but 1.03x on v5p, 12b (5120) 1.03x on v5p, where those sizes train. Hence
-    # the width bound.
-    if G is None or N * H > PACKED_MAX_WIDTH or _heads_split(active_mesh()):
+    # Measured (bench/RESULTS.md, one layer by the cycles model), packed against split: 1.4b
+    # (width 2048) 0.88x on v5e; 6.9b (4096) 0.99x and 12b (5120) 0.97x on v5p, where they
+    # train (1.03x each before the QKV bias moved into the kernels, when the packed path
+    # stopped at width 2048); the whole-step compiles of both agree in both cost models.
+    if G is None or _heads_split(active_mesh()):
         return False
     try:
         check_supported((B, T, N, H), (B, T, N, H), rotary_dim=rotary_dim, causal=True)
