@@ -45,21 +45,23 @@ NEOX_LAYOUT = {
 }
 
 #: size -> (remat policy, sequences per device per microbatch): the defaults, chosen from
-#: deviceless compiles of the real step (`scripts/aot_report.py`; docs/scaling.md has the
-#: tables and commands). 70m-410m: v5e (16 GiB HBM) with pure data parallelism, the largest
-#: power-of-two microbatch that fits (regenerated after the in-place QKV path: 160m 8, 410m 2);
-#: remat "none" beat "dots_saveable" at 160m (62.0 vs 54.8 % MFU, cycles model) and 410m (56.3
-#: vs 55.2 %). 14m and 31m take 70m's microbatch (their activations are smaller; not
-#: compiled). 1b-12b: v5p (95 GiB) with fsdp over the
-#: slice; "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4, 74.8 vs 66.5 % roofline, 80.2
-#: vs 77.5 % cycles) and 12b (v5p:4x8x8, 75.7 vs 65.5 %, 73.4 vs 66.9 %); the microbatch is
-#: the largest that fitted with it on v5p fsdp slices (1b 32 on 2x4x4, 69 GiB; 1.4b 16 on
-#: 2x4x4, 50 GiB; 2.8b 8 on 4x4x4, 50 GiB; 6.9b 8 on 4x4x8, 64 GiB; 12b 4 on 4x8x8, 45 GiB).
+#: deviceless compiles of the real step by the cycles model (`scripts/aot_report.py`;
+#: docs/scaling.md has the tables and commands; regenerated 4 Dec 2026 after the QKV bias and
+#: di moved into the attention kernels). 70m-410m: v5e (16 GiB HBM) with pure data
+#: parallelism, the largest power-of-two microbatch that fits with the policy: remat "none"
+#: beat "dots_saveable" at 160m (71.8 vs 62.9 % MFU), "dots_saveable" beat "none" at 410m
+#: (65.2 vs 59.9 %; microbatch 4 against 2). 14m and 31m take 70m's microbatch (their
+#: activations are smaller; not compiled). 1b-12b: v5p (95 GiB) with fsdp over the slice;
+#: "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4) and 12b (v5p:4x8x8); the microbatch
+#: is the largest that fits on those slices (1b 32 on 2x4x4; 2.8b 8 on 4x4x4; 6.9b 8 on
+#: 4x4x8; 12b 4 on 4x8x8: one microbatch per step at 1b, 6.9b, 12b), except 1.4b: 32 fits
+#: (81 GiB) but 16 x 2 is faster by the cycles model (91.5 vs 89.8 %; the roofline says the
+#: reverse, 76.2 vs 77.4 %).
 #: The microbatch is a cap: a device holding fewer rows takes them in one microbatch
 #: (`train.grad_accum_steps` overrides it).
 TRAIN_DEFAULTS = {
     "14m": ("none", 16), "31m": ("none", 16), "70m": ("none", 16), "160m": ("none", 8),
-    "410m": ("none", 2),
+    "410m": ("dots_saveable", 4),
     "1b": ("dots_saveable", 32), "1.4b": ("dots_saveable", 16), "2.8b": ("dots_saveable", 8),
     "6.9b": ("dots_saveable", 8), "12b": ("dots_saveable", 4),
 }
