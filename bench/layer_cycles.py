@@ -75,6 +75,10 @@ def _source(line: str) -> str:
     return "/".join(parts[-3:])
 
 
+#: op kind -> count of the instructions libtpu gave no cycle estimate (left out of the sums)
+UNCYCLED: collections.Counter = collections.Counter()
+
+
 def breakdown(compiled, chip: str, by: str = "kind") -> collections.Counter:
     text = aot._hlo_text(compiled)
     comps, entry = aot.parse_hlo(text)
@@ -89,8 +93,10 @@ def breakdown(compiled, chip: str, by: str = "kind") -> collections.Counter:
         for line in lines:
             # libtpu's "no estimate" marker (INT64_MAX, v5p's gather_offload fusions) is left
             # out, as `aot.hlo_costs` does, so the totals are not 1e13 ms
-            cyc = sum(int(v) for v in re.findall(r'"estimated_cycles":"(\d+)"', line)
-                      if int(v) < aot._NO_CYCLES)
+            found = [int(v) for v in re.findall(r'"estimated_cycles":"(\d+)"', line)]
+            cyc = sum(v for v in found if v < aot._NO_CYCLES)
+            if any(v >= aot._NO_CYCLES for v in found):
+                UNCYCLED[_kind(line, comps)] += 1
             secs = m * cyc / clock
             if 'custom_call_target="tpu_custom_call"' in line:
                 est = re.search(r'"cost_estimate":\{"flops":"(\d+)"[^}]*?"bytes_accessed":'
@@ -143,6 +149,10 @@ def main():
     rest = per[1]
     print(f"\noutside the layers (the 1-layer module minus one layer): "
           f"{(sum(rest.values()) - total) * 1e3:.3f} ms")
+    if UNCYCLED:
+        print("ops libtpu gave no cycle estimate in the two modules, left out (the figures "
+              "are lower bounds): "
+              + ", ".join(f"{k} x{n}" for k, n in sorted(UNCYCLED.items())))
 
 
 if __name__ == "__main__":
