@@ -381,6 +381,11 @@ def _causal_q_first(j, bq, bk, offset):
 
 # ------------------------------------------------------------------------------------------------
 # Forward kernel
+def _lanes_to_row(x):
+    """A lane-replicated (n, 128) column as the (1, n) row the [B, N, 1, T] arrays store."""
+    return jnp.transpose(x)[:1, :]
+
+
 def _causal_chunks(n: int, causal: bool, chunk, extent) -> None:
     """Run `chunk(c, masked)` for the n compute chunks of a block. Under causal masking a chunk
     whose keys all lie after its last query is skipped, one whose keys all lie at or before its
@@ -459,7 +464,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
             l = l_sc[g]
             outs.append(acc_sc[g] * (1.0 / l)[:, :1])
             lse = m_sc[g] + jnp.log(l)  # (bq, 128), lane-replicated
-            lse_ref[g] = jnp.transpose(lse)[:1, :]
+            lse_ref[g] = _lanes_to_row(lse)
         o_ref[...] = st.merge(outs).astype(o_ref.dtype)
 
 
@@ -624,7 +629,7 @@ def _di_kernel(o_ref, do_ref, di_ref, *, st: _Static):
     prod = o_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32)  # (bt, W)
     for g in range(st.G):  # head g's lanes summed, the column turned into a row
         col = jnp.sum(st.only(g, prod), axis=1, keepdims=True)  # (bt, 1)
-        di_ref[g] = jnp.transpose(jnp.broadcast_to(col, (col.shape[0], NUM_LANES)))[:1, :]
+        di_ref[g] = _lanes_to_row(jnp.broadcast_to(col, (col.shape[0], NUM_LANES)))
 
 
 def _di_call(o, do, st: _Static):
