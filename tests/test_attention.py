@@ -6,6 +6,7 @@ reference at most 2x the bf16 XLA reference's own error + 1e-3.
 """
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -113,16 +114,19 @@ def _packed(q, k, v):
 
 
 @pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (64, 2, "T256-b128"),
-                                      (32, 4, "T256-b128"), (128, 2, "T256-b128")])
+                                      (32, 4, "T256-b128"), (128, 2, "T256-b128"),
+                                      (80, 8, "T256-b128"), (96, 4, "T256-b128")])
 def test_flat_layouts_put_several_heads_in_one_lane_block(H, N, case):
-    """head_dim < 128: the flat layouts take 128 // H heads per 128-lane block (each head's
-    scores from its own lanes only). 'BTNH' on a [B, T, N*H] view, and the packed entry point,
-    which reads q, k, v in place from one [B, T, 3*N*H] array and returns the gradient as one
-    such array, equal the f32 reference: o, lse and the gradients, fused rotary included."""
+    """The flat layouts take lcm(H, 128) // H heads per lane block: 128 // H of 128 lanes when
+    H divides 128 (each head's scores from its own lanes only), and when it does not (2.8b's
+    head_dim 80: 8 heads in 640 lanes; 96: 4 in 384) each head sliced out of the block.
+    'BTNH' on a [B, T, N*H] view, and the packed entry point, which reads q, k, v in place
+    from one [B, T, 3*N*H] array and returns the gradient as one such array, equal the f32
+    reference: o, lse and the gradients, fused rotary included."""
     T, blocks = BLOCK_CASES[case]
     B = 2
     q, k, v, do = _inputs(B, T, N, H, seed=2)
-    assert pallas_tpu.heads_per_block(H, N) == 128 // H
+    assert pallas_tpu.heads_per_block(H, N) == math.lcm(H, 128) // H
     want = _fwd_bwd(lambda q, k, v: xla_attention(q, k, v, return_lse=True), q, k, v, do)
     got = _fwd_bwd(lambda q, k, v: pallas_attention(q, k, v, block_sizes=blocks,
                                                     return_lse=True, layout="BTNH"), q, k, v, do)
@@ -154,14 +158,15 @@ def test_flat_layouts_name_the_shapes_they_cannot_take():
         pallas_attention(q, k, v, layout="BTNH")
     with pytest.raises(UnsupportedShapeError, match="head_dim=64, heads=3"):
         pallas_attention_packed(_packed(q, k, v), num_heads=3)
-    q, k, v, _ = _inputs(1, 128, 2, 80)  # 80 neither divides nor is a multiple of 128
-    with pytest.raises(UnsupportedShapeError, match="head_dim=80"):
+    q, k, v, _ = _inputs(1, 128, 2, 80)  # head_dim 80 takes 8 heads per 640-lane block
+    with pytest.raises(UnsupportedShapeError, match="multiple of 8, got head_dim=80, heads=2"):
         pallas_attention_packed(_packed(q, k, v), num_heads=2)
     with pytest.raises(UnsupportedShapeError, match=r"3 \* num_heads \(7\)"):
         pallas_attention_packed(_packed(q, k, v), num_heads=7)  # 480 is not 3 * 7 * H
     with pytest.raises(UnsupportedShapeError, match=r"expected qkv \[B, T, 3\*N\*H\]"):
         pallas_attention_packed(q, num_heads=2)
     assert pallas_tpu.heads_per_block(80, 2) is None and pallas_tpu.heads_per_block(256, 3) == 1
+    assert pallas_tpu.heads_per_block(80, 32) == 8  # pythia-2.8b: 4 blocks of 640 lanes
 
 
 def _reduces_of_shape(fn, shape, *args):
@@ -182,7 +187,8 @@ def _reduces_of_shape(fn, shape, *args):
     return found
 
 
-@pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (128, 2, "T256-b128")])
+@pytest.mark.parametrize("H,N,case", [(64, 4, "T512-mixed"), (128, 2, "T256-b128"),
+                                      (80, 8, "T256-b128")])
 def test_packed_kernels_add_the_qkv_bias_and_return_its_gradient(H, N, case):
     """`bias=` hands the QKV bias to the kernels beside the bias-free matmul output: o and the
     gradients of qkv and of the bias equal the f32 reference on `qkv + bias` (fused rotary),
@@ -738,13 +744,15 @@ def test_model_packed_path_at_head_dim_128_matches_the_split_path():
     assert _fwd_kernel_qkv(packed, ids) == [((2, 256, 3 * 256), True)]
     assert _fwd_kernel_qkv(split, ids) == [((2, 2, 256, 128), False)]
     _assert_same_run(_logits_and_grads(packed, ids), _logits_and_grads(split, ids))
-    # every Pythia width at head_dim 128 / 256 takes it (1b, 1.4b, 6.9b, 12b); 2.8b (80) not
+    # every Pythia size takes it: head_dim 128 / 256 (1b, 1.4b, 6.9b, 12b), 80 (2.8b: 8 heads
+    # per 640-lane block); not 80 with a head count that is no multiple of 8
     from pythia_jax.attention import packed_supported
     assert packed_supported("pallas", 2, 256, 16, 128, jnp.bfloat16, rotary_dim=32)  # 1.4b
     assert packed_supported("pallas", 2, 256, 8, 256, jnp.bfloat16, rotary_dim=64)  # 1b
     assert packed_supported("pallas", 2, 256, 32, 128, jnp.bfloat16, rotary_dim=32)  # 6.9b
     assert packed_supported("pallas", 2, 256, 40, 128, jnp.bfloat16, rotary_dim=32)  # 12b
-    assert not packed_supported("pallas", 2, 256, 32, 80, jnp.bfloat16, rotary_dim=20)  # 2.8b
+    assert packed_supported("pallas", 2, 256, 32, 80, jnp.bfloat16, rotary_dim=20)  # 2.8b
+    assert not packed_supported("pallas", 2, 256, 12, 80, jnp.bfloat16, rotary_dim=20)
 
 
 def test_model_fuses_rotary_wherever_the_kernel_runs(monkeypatch, caplog, model_reference):

@@ -66,10 +66,11 @@ def test_oversized_blocks_are_caught_by_the_compiler():
     assert not rep.ok and "ScopedVmemOom" in rep.error, rep.error
 
 
-@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("H", [64, 80, 128])
 def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
     """The packed path (q, k, v read in place from one [B, T, 3*N*H] array; two heads per
-    128-lane block at head_dim 64, per-head lane slices for the fused rotary; the QKV bias
+    128-lane block at head_dim 64, eight per 640-lane block at 80, each sliced out of it,
+    per-head lane slices for the fused rotary; the QKV bias
     added in the kernels) lowers to Mosaic, within VMEM, over a 2-device batch mesh; the
     kernels take the flat array itself."""
     heads = PYTHIA_SHAPES[H][1]
@@ -87,11 +88,13 @@ def test_packed_qkv_forward_and_backward_compile_on_v5e(H):
                 if "tpu_custom_call" in line and "pythia_flash_dq" in line]
     assert dq_calls and all("output_to_operand_aliasing" in line for line in dq_calls), dq_calls
     # the QKV bias gradient comes out of the kernels as f32 column sums per block ([B, blocks,
-    # 1, D] from dQ, [B, blocks, 2, D] from dK/dV, 512-row blocks), not from a reduction of the
-    # [B, T, 3D] gradient
+    # 1, D] from dQ, [B, blocks, 2, D] from dK/dV, 512-row blocks; 256-row kv blocks in the
+    # dK/dV kernel at head_dim 80, whose 640-lane blocks take the narrower defaults), not from
+    # a reduction of the [B, T, 3D] gradient
     D = heads * H
-    for kname, rows in (("pythia_flash_dq", 1), ("pythia_flash_dkv", 2)):
+    kv_rows = 256 if H == 80 else 512
+    for kname, rows, block in (("pythia_flash_dq", 1, 512), ("pythia_flash_dkv", 2, kv_rows)):
         calls = [line for line in rep.hlo.splitlines()
                  if "tpu_custom_call" in line and f"%{kname}" in line.split("=")[0]]
-        assert calls and all(f"f32[{B // 2},{T // 512},{rows},{D}]" in line.split("custom-call")[0]
-                             for line in calls), (kname, calls)
+        assert calls and all(f"f32[{B // 2},{T // block},{rows},{D}]"
+                             in line.split("custom-call")[0] for line in calls), (kname, calls)

@@ -194,11 +194,10 @@ def _heads_split(mesh) -> bool:
 def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
                      rotary_dim: int | None) -> bool:
     """Whether `attend_packed` runs for these shapes: `impl` is our Pallas kernel ("pallas", or
-    "auto" where it picks it; never a fallback), a head_dim that `heads_per_block(H, N)`
-    accepts (64, 128, 256; not 80: 2.8b keeps the split path), and no mesh axis splits the
-    heads (the flat
-    [B, T, 3*N*H] array would not split along them). Else the layer splits q, k, v and calls
-    `attend` as always."""
+    "auto" where it picks it; never a fallback), a head count that `heads_per_block(H, N)`
+    accepts (every Pythia size: head_dim 64, 128, 256 and 2.8b's 80, 8 heads per 640-lane
+    block), and no mesh axis splits the heads (the flat [B, T, 3*N*H] array would not split
+    along them). Else the layer splits q, k, v and calls `attend` as always."""
     if impl == "auto":
         if current_platform() != "tpu" or _tpu_choice() != "pallas":
             return False
@@ -209,6 +208,7 @@ def packed_supported(impl: str, B: int, T: int, N: int, H: int, dtype, *,
     # (width 2048) 0.88x on v5e; 6.9b (4096) 0.99x and 12b (5120) 0.97x on v5p, where they
     # train (1.03x each before the QKV bias moved into the kernels, when the packed path
     # stopped at width 2048); the whole-step compiles of both agree in both cost models.
+    # 2.8b (head_dim 80, sliced heads) 0.79x on v5p.
     if G is None or _heads_split(active_mesh()):
         return False
     try:

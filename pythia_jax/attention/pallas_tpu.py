@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -81,6 +82,9 @@ __all__ = [
 #: Finite mask value: exp(MASK - m) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_LANES = 128
+#: The most heads one lane block of the flat layouts holds (each is unrolled in the kernels;
+#: every head_dim that is a multiple of HEAD_DIM_MULTIPLE needs at most 8).
+MAX_HEADS_PER_BLOCK = 8
 #: Every sequence length (q and kv) must be a multiple of this.
 SEQ_MULTIPLE = 128
 #: head_dim must be a multiple of HEAD_DIM_MULTIPLE and at most MAX_HEAD_DIM.
@@ -221,7 +225,9 @@ class _Static:
     #: in place. The flat layouts take G heads per lane block of width G*H (`G` below).
     layout: str = "BNTH"
     #: heads per block: 1 for "BNTH"; for the flat layouts the block of the merged axis must
-    #: be a multiple of 128 lanes, so 128 // H heads share one (head_dim 64: 2) when H < 128.
+    #: be a multiple of 128 lanes, so lcm(H, 128) // H heads share one (`heads_per_block`):
+    #: 128 // H when H divides 128 (head_dim 64: 2, each head masked to its lanes), else
+    #: (head_dim 80: 8 heads in 640 lanes) each head is sliced out of the block (`sliced`).
     G: int = 1
     #: layout "packed" only: the QKV bias [1, 3*N*H] f32 is an operand; each kernel adds its
     #: rows to the q, k, v tiles it loads, and the backward kernels return its gradient as
@@ -241,6 +247,19 @@ class _Static:
     def groups(self) -> int:
         """The grid's head axis: head groups of G."""
         return self.N // self.G
+
+    @property
+    def sliced(self) -> bool:
+        """Whether each head of a block is sliced out of it (its H lanes, an (n, H) tile for
+        the matmuls) rather than masked to its lanes of the whole block: when a block holds
+        several heads and H does not divide 128, masking would multiply the matmul passes
+        (head_dim 80: a 640-lane contraction per head instead of one of 80)."""
+        return self.G > 1 and NUM_LANES % self.H != 0
+
+    @property
+    def Wh(self) -> int:
+        """Lane width of one head's share of a tile: H when sliced, else the block's W."""
+        return self.H if self.sliced else self.W
 
     def x_spec(self, rows, index, part: int = 0):
         """BlockSpec of a (rows, W) tile of a q/k/v-like array; index(*grid) -> (b, h, block).
@@ -284,15 +303,26 @@ class _Static:
         return (lane >= g * self.H) & (lane < (g + 1) * self.H)
 
     def only(self, g, x):
-        """x with every lane outside head g zeroed (x itself when a block holds one head)."""
+        """Head g's share of an (n, W) tile x: x itself when a block holds one head; its H
+        lanes, (n, H), when `sliced`; else x with every lane outside head g zeroed."""
         if self.G == 1:
             return x
+        if self.sliced:
+            return x[:, g * self.H:(g + 1) * self.H]
         return jnp.where(self.lane_mask(g), x, jnp.zeros((), x.dtype))
 
+    def share(self, g, x):
+        """Head g's operand from a walked (n, W) tile, against a resident per-head copy: its
+        slice when `sliced`; else the whole tile (the resident copy's lanes select the head)."""
+        return self.only(g, x) if self.sliced else x
+
     def merge(self, parts):
-        """One (n, W) tile from G per-head accumulators (each valid on its own head's lanes)."""
+        """One (n, W) tile from G per-head results (`only`'s shares: each valid on its own
+        head's lanes, or each head's (n, H) slice when `sliced`)."""
         if self.G == 1:
             return parts[0]
+        if self.sliced:
+            return jnp.concatenate(parts, axis=1)
         out = parts[0]
         for g in range(1, self.G):
             out = jnp.where(self.lane_mask(g), parts[g], out)
@@ -312,8 +342,8 @@ class _Static:
 
     def fill_heads(self, sc, x, tables=None, bias=None) -> None:
         """Write the resident tile x (plus its `bias` row ref, then rotated when `tables` =
-        (cos, sin) refs are given) into the per-head scratch `sc` (G, n, W): copy g keeps only
-        head g's lanes."""
+        (cos, sin) refs are given) into the per-head scratch `sc` (G, n, Wh): copy g is
+        `only(g, ...)`, head g's share."""
         cos, sin = (None, None) if tables is None else (tables[0][...], tables[1][...])
         x = self.prep(x, bias, cos, sin)
         for g in range(self.G):
@@ -437,7 +467,8 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
         v = st.prep(v_ref[sl, :], vb_ref)
         for g in range(G):  # the lanes of the other heads of q are zero: s is head g's
             q = q_sc[0][g] if q_sc else q_ref[...]
-            s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+            s = lax.dot_general(q, st.share(g, k), _NT, preferred_element_type=jnp.float32,
+                                precision=prec)
             s = s * st.scale
             if masked:
                 row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -449,8 +480,9 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
             alpha = jnp.exp(m_prev - m_new)
             l_sc[g] = alpha * l_sc[g] + jnp.sum(p, axis=1, keepdims=True)
             m_sc[g] = m_new
-            pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32,
-                                 precision=prec)  # (bq, W), valid on head g's lanes
+            pv = lax.dot_general(p.astype(v.dtype), st.share(g, v), _NN,
+                                 preferred_element_type=jnp.float32,
+                                 precision=prec)  # (bq, Wh): head g's share
             acc_sc[g] = acc_sc[g] * alpha[:, :1] + pv
 
     # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
@@ -473,7 +505,7 @@ def _q_scratch(st: _Static, rows: int, dtype):
     head's lanes when a block holds several): none when the tile is used as it comes."""
     if st.G == 1 and not st.rotary and not st.bias:
         return []
-    return [pltpu.VMEM((st.G, rows, st.W), dtype)]
+    return [pltpu.VMEM((st.G, rows, st.Wh), dtype)]
 
 
 def _fwd_call(q, k, v, rot, st: _Static, bias=None):
@@ -492,10 +524,10 @@ def _fwd_call(q, k, v, rot, st: _Static, bias=None):
     q_spec = st.x_spec(bq, lambda b, h, i, j: (b, h, i))
     in_specs = [q_spec, st.x_spec(bk, kv_map, 1), st.x_spec(bk, kv_map, 2)]
     args = [q, k, v]
-    G, W = st.G, st.W
+    G = st.G
     scratch = [pltpu.VMEM((G, bq, NUM_LANES), jnp.float32),
                pltpu.VMEM((G, bq, NUM_LANES), jnp.float32),
-               pltpu.VMEM((G, bq, W), jnp.float32)] + _q_scratch(st, bq, q.dtype)
+               pltpu.VMEM((G, bq, st.Wh), jnp.float32)] + _q_scratch(st, bq, q.dtype)
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
@@ -686,16 +718,17 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, bkc: int, prec):
             do = do_ref[...] if do_sc is None else do_sc[g]
             lse = jnp.expand_dims(lse_ref[g, 0], -1)  # (bq, 1)
             di = jnp.expand_dims(di_ref[g, 0], -1)
-            s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=prec)
+            kg, vg = st.share(g, k), st.share(g, v)
+            s = lax.dot_general(q, kg, _NT, preferred_element_type=jnp.float32, precision=prec)
             s = s * st.scale
             if masked:
                 row = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
                 col = j * bk + c * bkc + lax.broadcasted_iota(jnp.int32, s.shape, 1)
                 s = jnp.where(col <= row, s, MASK_VALUE)
             p = jnp.exp(s - lse)
-            dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
+            dp = lax.dot_general(do, vg, _NT, preferred_element_type=jnp.float32, precision=prec)
             ds = p * (dp - di)
-            dq_sc[g] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+            dq_sc[g] += lax.dot_general(ds.astype(k.dtype), kg, _NN,
                                         preferred_element_type=jnp.float32, precision=prec)
 
     # key chunk c covers columns col0..col0+bkc-1 against query rows row0..row0+bq-1
@@ -731,9 +764,9 @@ def _dq_call(q, k, v, do, lse, di, rot, st: _Static, into=None, bias=None):
     in_specs = [q_spec, st.x_spec(bk, kv_map, 1), st.x_spec(bk, kv_map, 2), q_spec, row_spec,
                 row_spec]
     args = [q, k, v, do, lse, di]
-    scratch = [pltpu.VMEM((G, bq, W), jnp.float32)] + _q_scratch(st, bq, q.dtype)
+    scratch = [pltpu.VMEM((G, bq, st.Wh), jnp.float32)] + _q_scratch(st, bq, q.dtype)
     if G > 1:  # do cut to each head's lanes
-        scratch.append(pltpu.VMEM((G, bq, W), q.dtype))
+        scratch.append(pltpu.VMEM((G, bq, st.Wh), q.dtype))
     if st.rotary:
         cos, sin = rot
         R = cos.shape[-1]
@@ -818,18 +851,19 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, bqc: int, prec):
             v = v_ref[...] if v_sc is None else v_sc[g]
             lse = lse_ref[g, :, c * bqc:(c + 1) * bqc]  # (1, bqc)
             di = di_ref[g, :, c * bqc:(c + 1) * bqc]
-            s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32, precision=prec)
+            qg, dog = st.share(g, q), st.share(g, do)
+            s = lax.dot_general(k, qg, _NT, preferred_element_type=jnp.float32, precision=prec)
             s = s * st.scale  # (bk, bqc): rows are keys, columns queries
             if masked:
                 key = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
                 qpos = i * bq + c * bqc + st.offset + lax.broadcasted_iota(jnp.int32, s.shape, 1)
                 s = jnp.where(key <= qpos, s, MASK_VALUE)
             p = jnp.exp(s - lse)
-            dv_sc[g] += lax.dot_general(p.astype(do.dtype), do, _NN,
+            dv_sc[g] += lax.dot_general(p.astype(do.dtype), dog, _NN,
                                         preferred_element_type=jnp.float32, precision=prec)
-            dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32, precision=prec)
+            dp = lax.dot_general(v, dog, _NT, preferred_element_type=jnp.float32, precision=prec)
             ds = p * (dp - di)
-            dk_sc[g] += lax.dot_general(ds.astype(q.dtype), q, _NN,
+            dk_sc[g] += lax.dot_general(ds.astype(q.dtype), qg, _NN,
                                         preferred_element_type=jnp.float32, precision=prec)
 
     # query chunk c covers rows q0..q0+bqc-1 against key columns col0..col0+bk-1
@@ -883,10 +917,11 @@ def _dkv_call(q, k, v, do, lse, di, rot, st: _Static, bias=None):
     in_specs = [q_spec, st.x_spec(bk, lambda b, h, j, i: (b, h, j), 1),
                 st.x_spec(bk, lambda b, h, j, i: (b, h, j), 2), q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, di]
-    scratch = ([pltpu.VMEM((G, bk, W), jnp.float32), pltpu.VMEM((G, bk, W), jnp.float32)]
+    Wh = st.Wh
+    scratch = ([pltpu.VMEM((G, bk, Wh), jnp.float32), pltpu.VMEM((G, bk, Wh), jnp.float32)]
                + _q_scratch(st, bk, k.dtype))
     if G > 1 or st.bias:  # v biased and / or cut to each head's lanes
-        scratch.append(pltpu.VMEM((G, bk, W), v.dtype))
+        scratch.append(pltpu.VMEM((G, bk, Wh), v.dtype))
     packed = st.layout == "packed"
     if packed:  # the staging tile of dk, dv and the semaphores of their copies to HBM
         scratch += [pltpu.VMEM((2, bk, W), k.dtype), pltpu.SemaphoreType.DMA((2,))]
@@ -1010,20 +1045,30 @@ def _flash_packed_bwd(st: _Static, res, cts):
 _flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
 
 
+#: Lane blocks wider than this (head_dim 80: 640 lanes) get `WIDE_BLOCK_DEFAULTS` when no
+#: block sizes are given: the default 1024-row kv blocks of the forward and dQ kernels, double
+#: buffered at that width, overflow v5e's 16 MiB of scoped VMEM (16.24 MiB at 2.8b's shapes).
+WIDE_BLOCK_LANES = 512
+WIDE_BLOCK_DEFAULTS = BlockSizes(block_q=256, block_kv=512, block_kv_dq=512, block_kv_dkv=256)
+
+
 def heads_per_block(H: int, N: int) -> int | None:
-    """How many heads share a lane block of the flat layouts ("BTNH", "packed"): 1 when
-    head_dim is a multiple of 128, 128 // H when H divides 128 and N is a multiple of that
-    (head_dim 64: 2), else None (the flat layouts cannot take this shape)."""
-    if H % NUM_LANES == 0:
-        return 1
-    if NUM_LANES % H == 0 and N % (NUM_LANES // H) == 0:
-        return NUM_LANES // H
-    return None
+    """How many heads share a lane block of the flat layouts ("BTNH", "packed"): the fewest
+    whose width is a multiple of 128 lanes, lcm(H, 128) // H (1 when head_dim is a multiple of
+    128; head_dim 64: 2; 80: 8, a 640-lane block), when N is a multiple of it and it is at most
+    `MAX_HEADS_PER_BLOCK`; else None (the flat layouts cannot take this shape)."""
+    if H <= 0:
+        return None
+    G = math.lcm(H, NUM_LANES) // H
+    return G if G <= MAX_HEADS_PER_BLOCK and N % G == 0 else None
 
 
 def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_sizes,
                interpret, return_lse, bias=None):
     rotary_dim = None if rotary is None else rotary[0].shape[-1]
+    G = 1 if layout == "BNTH" else heads_per_block(H, N)
+    if block_sizes is None and G is not None and G * H > WIDE_BLOCK_LANES:
+        block_sizes = WIDE_BLOCK_DEFAULTS
     blocks = check_supported((B, N, T, H), (B, N, S, H), rotary_dim=rotary_dim, causal=causal,
                              block_sizes=block_sizes, layout="BNTH")
     if layout != "packed" and v.shape != k.shape:
@@ -1039,12 +1084,13 @@ def _attention(q, k, v, *, layout, B, N, T, S, H, causal, scale, rotary, block_s
                                         f"length, rotary_dim), got {cos.shape} and {sin.shape}")
         rot = (lax.stop_gradient(cos.astype(jnp.float32)),
                lax.stop_gradient(sin.astype(jnp.float32)))
-    G = 1 if layout == "BNTH" else heads_per_block(H, N)
     if G is None:
+        g = math.lcm(H, NUM_LANES) // H
         raise UnsupportedShapeError(
-            f"pallas attention: layout={layout!r} needs head_dim % {NUM_LANES} == 0 or "
-            f"{NUM_LANES} % head_dim == 0 with heads a multiple of {NUM_LANES} // head_dim "
-            f"(lane blocks of {NUM_LANES}), got head_dim={H}, heads={N}")
+            f"pallas attention: layout={layout!r} takes heads in lane blocks of a multiple of "
+            f"{NUM_LANES} lanes, lcm(head_dim, {NUM_LANES}) // head_dim = {g} heads each (at "
+            f"most {MAX_HEADS_PER_BLOCK}): heads must be a multiple of {g}, got head_dim={H}, "
+            f"heads={N}")
     st = _Static(causal=bool(causal), scale=float(H ** -0.5 if scale is None else scale),
                  blocks=blocks, interpret=resolve_interpret(interpret, "pallas"),
                  rotary=rot is not None, T=T, S=S, N=N, H=H, layout=layout, G=G,
