@@ -14,12 +14,12 @@
    `pythia_jax.forward` (cuDNN attention) against HF's `model(ids).logits` (SDPA), 8 x 512
    tokens; greedy `pythia_jax.generate` against HF `generate(do_sample=False)`, 32-token
    prompts, 128 new tokens, batch 1 and 8 (median wall time of a few calls after a warm-up).
-5. Training step (`train.make_train_step` on `configs/pythia.py:<size>`: bf16 compute, fp32
-   master weights and AdamW state, scanned layers, the config's remat, cuDNN attention through
-   `auto`) at batch x 2048 tokens: seconds per step, tokens/s, achieved TFLOP/s with the model
-   FLOPs (`ModelConfig.flops_per_token`: 6N + attention) and the fraction of a plain bf16 8192^3
-   matmul measured in the same run (MFU against that bound and against the nominal dense bf16
-   peak of the device, where known).
+5. Training step, through `bench/gpu_train.py` (which also compares variants and profiles the
+   step): `train.make_train_step` on `configs/pythia.py:<size>` (bf16 compute, fp32 master
+   weights and AdamW state, scanned layers, the config's remat, cuDNN attention through `auto`)
+   at batch x 2048 tokens: seconds per step, tokens/s, MFU with attention counted causally and
+   in full (PaLM) against the nominal dense bf16 peak, and the fraction of a plain bf16 8192^3
+   matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import faulthandler
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -41,13 +40,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pythia_jax.configs import pythia as pythia_configs  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from attention import _time  # noqa: E402  (median of timed calls after two warm-ups)
 
-#: Nominal dense bf16 TFLOP/s (no sparsity) by device_kind substring.
-PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from gpu_train import PEAK_BF16  # noqa: E402  (nominal dense bf16 TFLOP/s by device kind)
 
 
 def matmul_tflops(n=8192):
@@ -208,38 +205,11 @@ def inference_speed(preset: str, reps: int = 5, device="cuda"):
 
 
 def train_throughput(size: str, batch: int, steps: int, peak_mm: float, peak_nominal):
-    from pythia_jax import train
-    c = pythia_configs.get_config(size)
-    c.train.batch_size = batch
-    c.train.grad_accum_steps = 1
-    c.train.microbatch_per_device = 0
-    mcfg = train.model_config_from(c)
-    mesh = train.make_mesh(c)
-    state, setup = train.create_train_state(c, mesh)
-    step = train.make_train_step(setup)
-    T = c.train.seq_len
-    tok = np.random.default_rng(0).integers(0, 50277, (batch, T + 1)).astype(np.int32)
-    b = {"inputs": jax.device_put(tok[:, :-1], setup.batch_sharding),
-         "targets": jax.device_put(tok[:, 1:], setup.batch_sharding)}
-    t = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    ts = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = step(state, b)
-        jax.block_until_ready(m)
-        ts.append(time.perf_counter() - t)
-    s = statistics.median(ts)
-    flops = mcfg.flops_per_token(T)["training"] * batch * T
-    row = {"size": size, "batch": batch, "seq": T, "remat": mcfg.remat,
-           "attention_impl": mcfg.attention_impl, "s_per_step": s, "tokens_per_s": batch * T / s,
-           "tflops": flops / s / 1e12, "frac_of_matmul": flops / s / 1e12 / peak_mm,
-           "mfu_nominal": (flops / s / 1e12 / peak_nominal) if peak_nominal else None,
-           "compile_s": compile_s, "loss": float(m["loss"])}
+    """`bench/gpu_train.py`'s measurement of one size (the config's defaults), plus the
+    fraction of the bf16 matmul rate measured in this run."""
+    from gpu_train import run_variant
+    row = run_variant(size, batch, None, {}, steps, peak_nominal)
+    row["frac_of_matmul"] = row["tflops_palm"] / peak_mm
     print(json.dumps(row), flush=True)
     return row
 
