@@ -54,9 +54,10 @@ NEOX_LAYOUT = {
 #: activations are smaller; not compiled). 1b-12b: v5p (95 GiB) with fsdp over the slice;
 #: "dots_saveable" beat NeoX's "full" at 1b (v5p:2x4x4) and 12b (v5p:4x8x8); the microbatch
 #: is the largest that fits on those slices (1b 32 on 2x4x4; 2.8b 8 on 4x4x4; 6.9b 8 on
-#: 4x4x8; 12b 4 on 4x8x8: one microbatch per step at 1b, 6.9b, 12b), except 1.4b: 32 fits
-#: (81 GiB) but 16 x 2 is faster by the cycles model (91.5 vs 89.8 %; the roofline says the
-#: reverse, 76.2 vs 77.4 %).
+#: 4x4x8; 12b 4 on 4x8x8: one microbatch per step at 1b, 6.9b, 12b), except 1.4b and 2.8b,
+#: where twice the microbatch fits but two microbatches are faster by the cycles model (1.4b
+#: 16 x 2: 91.5 vs 89.8 % for 32 x 1; 2.8b 8 x 2: 77.2 vs 76.1 % for 16 x 1; the roofline says
+#: the reverse at both, 76.2 vs 77.4 % and 76.3 vs 78.2 %).
 #: The microbatch is a cap: a device holding fewer rows takes them in one microbatch
 #: (`train.grad_accum_steps` overrides it).
 TRAIN_DEFAULTS = {
