@@ -59,44 +59,24 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_variant(spec: str) -> dict:
-    """`default` -> {}; `model.remat=none,model.scan_layers=false` -> {dotted: value}."""
+def parse_variant(spec: str) -> list[str]:
+    """`default` -> []; `model.remat=none,model.scan_layers=false` -> its "a.b=value" items
+    (`aot.apply_overrides` sets them)."""
     spec = spec.strip()
-    if spec in ("", "default"):
-        return {}
-    out = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or "." not in key:
-            raise SystemExit(f"--variants: {part!r} is not section.field=value")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+    return [] if spec in ("", "default") else [part.strip() for part in spec.split(",")]
 
 
-def build_config(size: str, batch: int, seq: int | None, overrides: dict):
+def build_config(size: str, batch: int, seq: int | None, overrides: list[str]):
+    """`configs/pythia.py:<size>` at `batch` sequences in one microbatch on one device, with
+    the variant's overrides (an unknown field or a bad value raises `aot.ReportError`)."""
     c = pythia_configs.get_config(size)
+    aot.apply_overrides(c, overrides)
     c.train.batch_size = batch
     c.train.grad_accum_steps = 1
     c.train.microbatch_per_device = 0
     if seq:
         c.train.seq_len = seq
-    for dotted, value in overrides.items():
-        section, field = dotted.split(".", 1)
-        if section not in c or field not in c[section]:
-            raise SystemExit(f"--variants: config has no field {dotted!r}")
-        c[section][field] = value
+    train.model_config_from(c)  # the model fields' own checks, before any compile
     return c
 
 
@@ -116,28 +96,6 @@ EXPERIMENTS = {"bf16_logits": _bf16_logits_loss}
 
 # ------------------------------------------------------------------------------------------------
 # HLO classes and the profile
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(|\{)")
-
-
-def _opcode(rest: str) -> str:
-    """The opcode of an HLO instruction's right-hand side: `TYPE opcode(operands), ...`
-    (TYPE a shape like `bf16[16,2048]{1,0}` or a parenthesised tuple of shapes)."""
-    i = 0
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                break
-        i += 1
-    else:
-        i = rest.find(" ")
-    m = re.match(r"\s*([a-z][\w\-]*)\(", rest[i:])
-    return m.group(1) if m else "?"
-
-
 def _stack_tables(hlo_text: str) -> dict:
     """{stack_frame_id: (file, function, line, parent id)} from the FileNames / FunctionNames /
     FileLocations / StackFrames tables at the top of an HLO module's text."""
@@ -189,45 +147,38 @@ def _our_frame(frames: dict, frame_id: int | None) -> str:
 
 
 def hlo_index(hlo_text: str) -> dict:
-    """{instruction name: {"opcode", "calls", "target", "op_name", "source", "body"}} from an
-    optimized HLO module's text; "body" is the called computation's instruction opcodes and
-    "source" the line of our code the instruction (or its fusion's root) came from."""
+    """{instruction name: {"opcode", "calls", "target", "op_name", "source", "body", ...}} from
+    an optimized HLO module's text (`aot.parse_hlo`); "body" is the called computation's
+    instruction opcodes and "source" the line of our code the instruction (or its called
+    computation's root) came from."""
     frames = _stack_tables(hlo_text)
-    comps: dict[str, list[str]] = {}
-    roots: dict[str, int | None] = {}
+    comps, _ = aot.parse_hlo(hlo_text)
+    bodies: dict[str, list[str]] = {}
+    roots: dict[str, int] = {}
     instrs: dict[str, dict] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if line.rstrip().endswith("{") and "=" not in line.split("(")[0]:
-            m = _COMP.match(line)
-            current = m.group(1) if m else None
-            comps.setdefault(current, [])
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, rest = m.groups()
-        opcode = _opcode(rest)
-        frame = re.search(r"stack_frame_id=(\d+)", rest)
-        frame = int(frame.group(1)) if frame else None
-        if current is not None:
-            comps[current].append(opcode)
-            if line.lstrip().startswith("ROOT") or frame and roots.get(current) is None:
-                roots[current] = frame if frame else roots.get(current)
-        calls = re.search(r"calls=%?([\w.\-]+)", rest)
-        target = re.search(r'custom_call_target="([^"]+)"', rest)
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        instrs[name] = {
-            "opcode": opcode,
-            "calls": calls.group(1) if calls else None,
-            "target": target.group(1) if target else None,
-            "op_name": op_name.group(1) if op_name else "",
-            "frame": frame,
-            "triton_gemm": "__triton_gemm" in rest or '"kind":"__triton' in rest,
-            "cublas_fusion": "__cublas" in rest,
-        }
+    for comp, lines in comps.items():
+        bodies[comp] = []
+        for line in lines:
+            name, opcode = aot.hlo_instruction(line)
+            bodies[comp].append(opcode)
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            frame = int(frame.group(1)) if frame else None
+            if frame and (line.lstrip().startswith("ROOT") or comp not in roots):
+                roots[comp] = frame
+            calls = re.search(r"calls=%?([\w.\-]+)", line)
+            target = re.search(r'custom_call_target="([^"]+)"', line)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            instrs[name] = {
+                "opcode": opcode,
+                "calls": calls.group(1) if calls else None,
+                "target": target.group(1) if target else None,
+                "op_name": op_name.group(1) if op_name else "",
+                "frame": frame,
+                "triton_gemm": "__triton_gemm" in line or '"kind":"__triton' in line,
+                "cublas_fusion": "__cublas" in line,
+            }
     for info in instrs.values():
-        info["body"] = comps.get(info["calls"], []) if info["calls"] else []
+        info["body"] = bodies.get(info["calls"], []) if info["calls"] else []
         frame = info.pop("frame") or (roots.get(info["calls"]) if info["calls"] else None)
         info["source"] = _our_frame(frames, frame)
     return instrs
@@ -287,7 +238,7 @@ def kernel_times(trace_dir: str, module_substr: str) -> tuple[dict, dict]:
     use = device_planes or [p for p in planes if p.name.startswith("/host:CPU")]
     per_op: dict = collections.defaultdict(lambda: [0.0, 0])
     lines_seen = collections.Counter()
-    starts, ends, busy = [], [], []
+    busy = []
     for plane in use:
         for line in plane.lines:
             for ev in line.events:
@@ -299,8 +250,6 @@ def kernel_times(trace_dir: str, module_substr: str) -> tuple[dict, dict]:
                 lines_seen[f"{plane.name} | {line.name}"] += 1
                 per_op[str(op)][0] += ev.duration_ns
                 per_op[str(op)][1] += 1
-                starts.append(ev.start_ns)
-                ends.append(ev.start_ns + ev.duration_ns)
                 busy.append((ev.start_ns, ev.start_ns + ev.duration_ns))
     span = {"lines": dict(lines_seen.most_common(12))}
     if busy:
@@ -313,7 +262,7 @@ def kernel_times(trace_dir: str, module_substr: str) -> tuple[dict, dict]:
             else:
                 cur_e = max(cur_e, e)
         covered += cur_e - cur_s
-        span.update(span_ns=max(ends) - min(starts), busy_ns=covered)
+        span.update(span_ns=max(e for _, e in busy) - busy[0][0], busy_ns=covered)
     return dict(per_op), span
 
 
@@ -449,10 +398,22 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="append one JSON line per variant here")
     args = ap.parse_args(argv)
     sizes = args.sizes.split(",")
-    batches = [int(x) for x in args.batch.split(",")]
+    try:
+        batches = [int(x) for x in args.batch.split(",")]
+    except ValueError:
+        raise SystemExit(f"--batch={args.batch}: expected comma-separated integers") from None
     if len(batches) != len(sizes):
         raise SystemExit(f"--batch: {len(batches)} values for {len(sizes)} sizes")
+    if args.steps < 1 or args.profile < 0:
+        raise SystemExit(f"--steps={args.steps} / --profile={args.profile}: expected >= 1 / >= 0")
     variants = [parse_variant(v) for v in args.variants.split(";")]
+    for size, batch in zip(sizes, batches):  # every config checked before anything compiles
+        for ov in variants:
+            try:
+                build_config(size, batch, args.seq or None, ov)
+            except ValueError as e:  # aot.ReportError, TrainConfigError, an unknown size
+                raise SystemExit(f"--sizes={size} --variants={','.join(ov) or 'default'}: "
+                                 f"{e}") from None
     experiments = [e for e in args.experiments.split(",") if e]
     for e in experiments:
         if e not in EXPERIMENTS:

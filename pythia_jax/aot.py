@@ -65,7 +65,7 @@ from pythia_jax.configs import pythia as pythia_configs
 __all__ = ["ReportError", "COST_METHODS", "ATTENTION_IMPLS", "REMAT_POLICIES", "CLOCK_GHZ",
            "ICI_GBPS", "ICI_SOURCE", "chip_of", "parse_mesh", "topology_devices",
            "apply_overrides", "build_config", "model_flops_per_token", "compile_step",
-           "compile_grads", "compile_update", "parse_hlo", "hlo_costs", "collectives_of",
+           "compile_grads", "compile_update", "parse_hlo", "hlo_instruction", "hlo_costs", "collectives_of",
            "cost_of", "step_cost", "report", "format_report"]
 
 #: How FLOPs and time are measured (see the module doc); "none": memory only.
@@ -319,6 +319,12 @@ def parse_hlo(text: str) -> tuple[dict, str | None]:
         elif cur is not None and _INSTR.match(line):
             comps[cur].append(line)
     return comps, entry
+
+
+def hlo_instruction(line: str) -> tuple[str, str] | None:
+    """(name, opcode) of one instruction line of `parse_hlo`'s output, None for other lines."""
+    m = _INSTR.match(line)
+    return (m.group(1), m.group(3)) if m else None
 
 
 def _trip_count(cond: list[str]) -> int | None:
