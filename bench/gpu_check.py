@@ -208,7 +208,7 @@ def train_throughput(size: str, batch: int, steps: int, peak_mm: float, peak_nom
     """`bench/gpu_train.py`'s measurement of one size (the config's defaults), plus the
     fraction of the bf16 matmul rate measured in this run."""
     from gpu_train import run_variant
-    row = run_variant(size, batch, None, {}, steps, peak_nominal)
+    row = run_variant(size, batch, None, [], steps, peak_nominal)
     row["frac_of_matmul"] = row["tflops_palm"] / peak_mm
     print(json.dumps(row), flush=True)
     return row
