@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -799,6 +800,45 @@ def _install_closed_loop_hook():
     return restore
 
 
+# The serialization coroutines a failed orbax save leaves unawaited (orbax's
+# `async_serialize_from_host.<locals>.write_fragment` and its kin). Python warns for each one
+# when it is collected ("RuntimeWarning: coroutine ... was never awaited"), as late as interpreter
+# exit ("sys:1: ..."), after the one-line full-disk error; at exit the warnings filters no longer
+# apply, so those still alive then are closed first (closing an unstarted coroutine is silent).
+_ABANDONED_WRITE_PREFIX = "async_serialize"
+_ABANDONED_WRITE_WARNING = rf"coroutine '{_ABANDONED_WRITE_PREFIX}[^']*' was never awaited"
+
+
+def _close_abandoned_writes() -> int:
+    """Closes every live, never-started coroutine named `_ABANDONED_WRITE_PREFIX`...; returns
+    how many."""
+    import gc
+    import inspect
+    import types
+    n = 0
+    for obj in gc.get_objects():  # type(), not isinstance(): no object's __class__ is asked
+        if (type(obj) is types.CoroutineType
+                and obj.__qualname__.startswith(_ABANDONED_WRITE_PREFIX)
+                and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED):
+            obj.close()
+            n += 1
+    return n
+
+
+def _quiet_abandoned_writes():
+    """After a full disk: ignores `_ABANDONED_WRITE_WARNING` from now on and closes the
+    coroutines still alive at exit (once per process; left in place, like the hook)."""
+    warnings.filterwarnings("ignore", message=_ABANDONED_WRITE_WARNING, category=RuntimeWarning)
+    global _ABANDONED_WRITES_AT_EXIT
+    if not _ABANDONED_WRITES_AT_EXIT:
+        import atexit
+        atexit.register(_close_abandoned_writes)
+        _ABANDONED_WRITES_AT_EXIT = True
+
+
+_ABANDONED_WRITES_AT_EXIT = False
+
+
 def _disk_full(e: BaseException) -> bool:
     """A write failed for lack of space (ENOSPC, EDQUOT, EFBIG) somewhere in `e`'s chain
     (orbax re-raises its writer threads' errors as other types; their text names the cause)."""
@@ -1088,6 +1128,7 @@ def train(config, workdir: str, *, setup: TrainSetup | None = None) -> dict:
         disk_full = _disk_full(e)
         if not disk_full:
             raise
+        _quiet_abandoned_writes()
         latest = ckpt_lib.latest_step(paths.join(workdir, ckpt_lib.CHECKPOINT_DIR))
         last = (paths.join(workdir, ckpt_lib.CHECKPOINT_DIR, str(latest)) if latest is not None
                 else "none")
